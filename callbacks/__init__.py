@@ -1,0 +1,1 @@
+"""Lightning callbacks (merge check, export). Installed as `lowbit_ft.callbacks`."""

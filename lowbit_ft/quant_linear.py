@@ -1,0 +1,128 @@
+"""`QuantLinear`: a linear layer whose weight exists only as packed low-bit codes + scales + zeros."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit_ft.kernels import dequantize, pack_codes, quant_matmul
+from lowbit_ft.layout import BlockLayout
+from lowbit_ft.quantizer import QuantizedWeight, get_quantizer
+
+
+class QuantLinear(nn.Module):
+    """y = x · dequant(W)ᵀ + b with W[o, i] = s[p, q] · (Q[o, i] − z[p, q]), p = o // bo, q = i // bi.
+
+    Buffers (no float weight, nothing trainable):
+        qweight  int32 (out, in · bits / 32): each row's codes packed along in. Its transpose is
+                 GPTQ's `qweight`, word for word.
+        scales   (out / bo, in / bi), `scale_dtype` (float16 as in GPTQ by default).
+        zeros    (out / bo, in / bi), `zero_dtype` (float32 by default): integers after quantization,
+                 fractional once an adapter has been merged into them.
+        bias     (out,) if the layer has one.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        layout: BlockLayout,
+        bias: bool = False,
+        *,
+        scale_dtype: torch.dtype = torch.float16,
+        zero_dtype: torch.dtype = torch.float32,
+        bias_dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        layout.check(out_features, in_features)
+        self.in_features, self.out_features, self.layout, self.backend = in_features, out_features, layout, backend
+        rows, cols = layout.grid(out_features, in_features)
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features * layout.bits // 32, dtype=torch.int32, device=device)
+        )
+        self.register_buffer("scales", torch.ones(rows, cols, dtype=scale_dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(rows, cols, dtype=zero_dtype, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+
+    # the PackedWeight protocol the kernels read
+    @property
+    def bits(self) -> int:
+        return self.layout.bits
+
+    @property
+    def block_out(self) -> int:
+        return self.layout.block_out
+
+    @property
+    def block_in(self) -> int:
+        return self.layout.block_in
+
+    @classmethod
+    def from_quantized(
+        cls,
+        quantized: QuantizedWeight,
+        layout: BlockLayout,
+        bias: torch.Tensor | None = None,
+        *,
+        zero_dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
+    ) -> QuantLinear:
+        """Build a layer from quantizer output (codes, scales, zeros) and an optional bias."""
+        out_features, in_features = quantized.codes.shape
+        layer = cls(
+            in_features,
+            out_features,
+            layout,
+            bias=bias is not None,
+            scale_dtype=quantized.scales.dtype,
+            zero_dtype=zero_dtype,
+            bias_dtype=bias.dtype if bias is not None else torch.float16,
+            device=quantized.codes.device,
+            backend=backend,
+        )
+        layer.qweight.copy_(pack_codes(quantized.codes, layout.bits))
+        layer.scales.copy_(quantized.scales)
+        layer.zeros.copy_(quantized.zeros)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        layout: BlockLayout,
+        method: str = "rtn",
+        *,
+        symmetric: bool = False,
+        scale_dtype: torch.dtype = torch.float16,
+        zero_dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
+    ) -> QuantLinear:
+        """Quantize an `nn.Linear` with `method` (see `lowbit_ft.quantizer.QUANTIZERS`)."""
+        layout.check(linear.out_features, linear.in_features)
+        quantized = get_quantizer(method)(
+            linear.weight.detach(), layout, symmetric=symmetric, scale_dtype=scale_dtype
+        )
+        return cls.from_quantized(quantized, layout, linear.bias, zero_dtype=zero_dtype, backend=backend)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight s · (Q − z), shape (out, in). Allocates it in full: not for the forward pass."""
+        return dequantize(self, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = quant_matmul(x, self, self.backend)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes held by the layer's buffers (codes, scales, zeros, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {self.layout}, "
+            f"bias={self.bias is not None}, scales={self.scales.dtype}, zeros={self.zeros.dtype}"
+        )

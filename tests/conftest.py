@@ -1,0 +1,29 @@
+"""Shared fixtures: seeded tiny random LLaMA models (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def make_tiny_llama(seed: int = 0, hidden: int = 64, intermediate: int = 128, layers: int = 2,
+                    heads: int = 4, kv_heads: int = 2, vocab: int = 256, tie: bool = False) -> LlamaForCausalLM:
+    """A random LLaMA small enough for every test; 64/128-wide so 3-bit packing (×32) fits."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+        max_position_embeddings=128, tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
