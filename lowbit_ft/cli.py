@@ -14,6 +14,7 @@ from lowbit_ft.convert import quant_layers, quantize_model, target_linears
 from lowbit_ft.gptq_format import save_gptq
 from lowbit_ft.layout import BlockLayout
 from lowbit_ft.loading import load_model, load_quantized
+from lowbit_ft.quantizer import get_quantizer
 
 # A fixed, varied batch for measuring quantization error on real models.
 PROBE_TEXTS = (
@@ -131,6 +132,7 @@ def quantize(
         overwrite: replace an existing --output directory.
     """
     layout = BlockLayout(bits=bits, block_out=block_out, block_in=group_size)
+    get_quantizer(method)  # fail on a typo before the model loads
     if output is not None and Path(output).exists() and not overwrite:
         raise FileExistsError(f"output {output} already exists; choose another path or pass --overwrite")
     float_model, tokenizer = load_model(model)

@@ -1,0 +1,3 @@
+from lowbit_ft.cli import main
+
+main()

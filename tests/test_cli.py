@@ -1,0 +1,58 @@
+import subprocess
+import sys
+
+import pytest
+
+from lowbit_ft import load_quantized
+from lowbit_ft.cli import main
+from lowbit_ft.convert import quant_layers
+
+from .conftest import make_tiny_llama
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    path = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(path)
+    return path
+
+
+def test_quantize_prints_report_and_writes_checkpoint(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "int4"
+    main(["quantize", "--model", str(tiny_dir), "--bits", "4", "--group_size", "32", "--output", str(out)])
+    text = capsys.readouterr().out
+    for line in ("INT4 (1×32 blocks)", "quantized linears     14 of 14", "bytes / param", "rel. logit error",
+                 "reloaded max |Δlogit| 0", f"saved to              {out.resolve()}"):
+        assert line in text, line
+    assert len(quant_layers(load_quantized(out))) == 14
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bits", "5"], "bits=5 is not supported: use one of (2, 3, 4, 8)"),
+    (["--group_size", "48"], "in_features=64 is not divisible by block_in (group size) 48"),
+    (["--method", "awq", "--group_size", "32"], "method='awq' is not a known quantizer"),
+])
+def test_bad_options_are_one_line_errors(tiny_dir, args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", "--model", str(tiny_dir), *args])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines are progress bars
+    assert last.startswith("lowbit-ft: error: ") and message in last
+
+
+def test_missing_model_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", str(tmp_path / "nope")])
+    assert "not 'smollm2', a .gguf file, or a directory with config.json" in capsys.readouterr().err
+
+
+def test_existing_output_refused_before_any_work(tiny_dir, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", str(tiny_dir), "--output", str(tmp_path / "taken")])
+    assert "already exists; choose another path or pass --overwrite" in capsys.readouterr().err
+
+
+def test_console_script_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "lowbit_ft", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "quantize" in out and "Quantize a model's linear layers" in out
