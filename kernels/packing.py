@@ -12,7 +12,7 @@ so the packed length must be a multiple of the unit. Everything here is vectoris
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from math import gcd
 
 import torch
@@ -30,7 +30,7 @@ def words_per_unit(bits: int) -> int:
     return bits // gcd(bits, 32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _unit_map(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each code of a unit: index of the word holding its low bits, the next word, the bit offset."""
     n_values, n_words = values_per_unit(bits), words_per_unit(bits)

@@ -64,7 +64,8 @@ class QuantReport:
             f"quantized linears     {self.quantized_layers} of {self.target_layers} targets",
             f"quantized params      {self.quantized_params:,}",
             f"packed bytes          {self.packed_bytes / mib:.2f} MiB (codes + scales + zeros)",
-            f"fp16 bytes            {self.fp16_bytes / mib:.2f} MiB  ({self.fp16_bytes / self.packed_bytes:.2f}x larger)",
+            f"fp16 bytes            {self.fp16_bytes / mib:.2f} MiB  "
+            f"({self.fp16_bytes / self.packed_bytes:.2f}x larger)",
             f"bytes / param         {self.bytes_per_param:.4f}  (fp16: 2)",
             f"rel. logit error      {self.relative_logit_error:.4f}  (‖Δlogits‖ / ‖logits‖ vs unquantized)",
             f"top-1 agreement       {self.top1_agreement:.3f}",

