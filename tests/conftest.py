@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -27,3 +29,13 @@ def tiny_llama() -> LlamaForCausalLM:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _register_readme_adapter() -> None:
+    """Run README's custom-adapter example, so the parametrized adapter tests cover it too."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("<!-- example: custom adapter -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    exec(compile(block, "README.md (custom adapter example)", "exec"), {"__name__": "readme_example"})
+
+
+_register_readme_adapter()

@@ -1,0 +1,134 @@
+"""The one abstraction every adapter shares (DESIGN.md §4).
+
+An adapter's weight delta is constant on tiles of `tile = (bo_a, bi_a)`: ΔW[o, i] = C[o // bo_a, i // bi_a].
+Its output is therefore: average the input over each run of bi_a columns (pool), apply a small
+trainable map M to the pooled vector, scale by alpha / r, and repeat each output bo_a times (expand).
+Then C = scaling · M / bi_a. A subclass only says what M is; pooling, dropout, scaling, the
+block-delta C, the dense ΔW and the merge into low-bit zeros are all here.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lowbit_ft.layout import BlockLayout
+from lowbit_ft.quant_linear import QuantLinear
+
+
+class Adapter(nn.Module):
+    """Base class. Subclasses set `self.tile` in `__init__`, create their parameters, and implement
+    `block_map` (the map on the pooled input) and `block_matrix` (that map as a matrix M).
+
+    Args:
+        in_features, out_features: the wrapped layer's shape.
+        base_layout: the wrapped layer's quantization layout (adapters derive default tiles from it).
+        r: rank (sets the scale alpha / r).
+        alpha: scale numerator; the adapter output is multiplied by alpha / r.
+        dropout: dropout probability on the pooled input.
+    """
+
+    #: True for adapters designed to fold into low-bit zeros (QA-LoRA, QA-HiRA): `attach` refuses
+    #: a tile that does not align with the base's blocks instead of failing later at merge time.
+    merges_into_low_bit: ClassVar[bool] = False
+    tile: tuple[int, int]
+
+    def __init__(self, in_features: int, out_features: int, base_layout: BlockLayout,
+                 r: int = 64, alpha: float = 16.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r={r!r} must be a positive integer (the adapter rank)")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+        self.in_features, self.out_features, self.base_layout = in_features, out_features, base_layout
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.hparams: dict = {"r": r, "alpha": alpha, "dropout": dropout}
+
+    # --- what a subclass provides -------------------------------------------------------------
+    def block_map(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(..., in / bi_a) → (..., out / bo_a): the trainable map on the pooled input."""
+        raise NotImplementedError
+
+    def block_matrix(self) -> torch.Tensor:
+        """The map as a matrix M (out / bo_a × in / bi_a), so that block_map(p) = p · Mᵀ."""
+        raise NotImplementedError
+
+    # --- shared by every adapter --------------------------------------------------------------
+    def _check_tile(self, name: str) -> None:
+        bo, bi = self.tile
+        if self.in_features % bi or self.out_features % bo:
+            raise ValueError(
+                f"{name} tile {self.tile} does not divide the layer shape (out={self.out_features}, "
+                f"in={self.in_features}); pick a tile whose sides divide out and in"
+            )
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution to the layer output (the base output is added by the wrapper)."""
+        bo, bi = self.tile
+        h = x.to(self.param_dtype)
+        if bi > 1:
+            h = h.reshape(*h.shape[:-1], self.in_features // bi, bi).mean(-1)
+        y = self.block_map(self.dropout(h)) * self.scaling
+        if bo > 1:
+            y = y.repeat_interleave(bo, dim=-1)
+        return y.to(x.dtype)
+
+    def block_delta(self) -> torch.Tensor:
+        """C (out / bo_a × in / bi_a) with ΔW[o, i] = C[o // bo_a, i // bi_a]; float64 for exact merges."""
+        return self.block_matrix().detach().double() * self.scaling / self.tile[1]
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense ΔW (out × in), float64."""
+        bo, bi = self.tile
+        return self.block_delta().repeat_interleave(bo, 0).repeat_interleave(bi, 1)
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def aligned(tile: tuple[int, int], layout: BlockLayout) -> bool:
+    """The merge rule: every quantization block lies inside one adapter tile."""
+    return tile[0] % layout.block_out == 0 and tile[1] % layout.block_in == 0
+
+
+def misaligned_message(adapter_name: str, tile: tuple[int, int], layout: BlockLayout) -> str:
+    return (
+        f"adapter '{adapter_name}' has ΔW tiles of {tile[0]}×{tile[1]}, which are not constant on the base's "
+        f"{layout.block_out}×{layout.block_in} quantization blocks, so it cannot merge into the low-bit zeros "
+        "exactly; use merge_dense(model) for a dense 16-bit model (re-quantizing that is lossy)"
+    )
+
+
+@torch.no_grad()
+def merge_into(layer: QuantLinear, adapter: Adapter, adapter_name: str = "adapter") -> None:
+    """Fold the adapter into the layer's zeros: s·(Q − z) + C = s·(Q − z′) with z′ = z − C / s.
+
+    The codes are untouched; zeros become fractional. Computed in float64, stored in the zeros' dtype.
+    """
+    if not aligned(adapter.tile, layer.layout):
+        raise ValueError(misaligned_message(adapter_name, adapter.tile, layer.layout))
+    c = adapter.block_delta().to(layer.zeros.device)
+    c = c.repeat_interleave(adapter.tile[0] // layer.block_out, 0)
+    c = c.repeat_interleave(adapter.tile[1] // layer.block_in, 1)
+    layer.zeros.copy_(layer.zeros.double() - c / layer.scales.double())
+
+
+class AdaptedLinear(nn.Module):
+    """A `QuantLinear` with an adapter beside it: y = base(x) + adapter(x)."""
+
+    def __init__(self, base: QuantLinear, adapter: Adapter, adapter_name: str) -> None:
+        super().__init__()
+        self.base, self.adapter, self.adapter_name = base, adapter, adapter_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.adapter(x)
+
+    def extra_repr(self) -> str:
+        return f"adapter={self.adapter_name!r}, tile={self.adapter.tile}"
