@@ -4,7 +4,10 @@ from lowbit_ft.convert import quantize_model
 from lowbit_ft.gptq_format import save_gptq
 from lowbit_ft.layout import BlockLayout
 from lowbit_ft.loading import load_model, load_quantized
+from lowbit_ft.precision import LowBitPrecision
 from lowbit_ft.quant_linear import QuantLinear
 
-__all__ = ["BlockLayout", "QuantLinear", "load_model", "load_quantized", "quantize_model", "save_gptq"]
+__all__ = [
+    "BlockLayout", "LowBitPrecision", "QuantLinear", "load_model", "load_quantized", "quantize_model", "save_gptq",
+]
 __version__ = "0.1.0"

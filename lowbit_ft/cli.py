@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import sys
+from argparse import ArgumentError
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from jsonargparse import CLI
+from lightning.pytorch.cli import LightningCLI
 from torch import nn
 
 from lowbit_ft.convert import quant_layers, quantize_model, target_linears
+from lowbit_ft.data import InstructionDataModule
 from lowbit_ft.gptq_format import save_gptq
 from lowbit_ft.layout import BlockLayout
 from lowbit_ft.loading import load_model, load_quantized
+from lowbit_ft.module import LowBitModule, NonFiniteLossError
 from lowbit_ft.quantizer import get_quantizer
 
 # A fixed, varied batch for measuring quantization error on real models.
@@ -150,13 +154,48 @@ def quantize(
     return report
 
 
+class LowBitCLI(LightningCLI):
+    """LightningCLI for LowBitModule + InstructionDataModule; the tokenizer follows model.base."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.base", "data.tokenizer")
+
+
+LIGHTNING_COMMANDS = {
+    "fit": "train adapters on a low-bit base: lowbit-ft fit --config recipes/quickstart.yaml",
+    "validate": "run the validation loop on a checkpoint (--ckpt_path)",
+    "test": "run the test loop on a checkpoint (--ckpt_path)",
+    "predict": "run prediction on a checkpoint (--ckpt_path)",
+}
+PROJECT_COMMANDS = {"quantize": quantize}
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError)
+
+
+def overview() -> str:
+    lines = ["usage: lowbit-ft {fit,validate,test,predict,quantize} [--config CONFIG] [options]", "",
+             "lowbit-ft: fine-tune LLaMA-family models in INT2/3/4/8 with adapters that merge back exactly.", "",
+             "commands (add --help after one for all its options):"]
+    lines += [f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += [f"  {name:<10} {fn.__doc__.strip().splitlines()[0]}" for name, fn in PROJECT_COMMANDS.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `lowbit-ft` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        return
     try:
-        CLI({"quantize": quantize}, args=argv, as_positional=False,
-            description="lowbit-ft: low-bit fine-tuning with exactly mergeable adapters.")
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        if argv[0] in PROJECT_COMMANDS:
+            CLI(PROJECT_COMMANDS, args=argv, as_positional=False, description=overview())
+        else:
+            LowBitCLI(LowBitModule, InstructionDataModule, args=argv, save_config_kwargs={"overwrite": True},
+                      parser_kwargs={"exit_on_error": False})
+    except ArgumentError as err:
+        print(f"lowbit-ft: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except USER_ERRORS as err:
         # user errors are one line, not a traceback
         print(f"lowbit-ft: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
+        raise SystemExit(1 if isinstance(err, NonFiniteLossError) else 2) from None

@@ -18,9 +18,12 @@ NEVER_QUANTIZED = ("lm_head", "embed_tokens", "wte", "embed_out")
 log = logging.getLogger(__name__)
 
 
-def target_linears(model: nn.Module, targets: tuple[str, ...] | list[str] | None = None) -> list[str]:
+def target_linears(
+    model: nn.Module, targets: tuple[str, ...] | list[str] | None = None, exclude: tuple[str, ...] | list[str] = ()
+) -> list[str]:
     """Names of the `nn.Linear` modules whose last name component is in `targets` (default: the 7
-    LLaMA projections). Refuses lm_head / embeddings."""
+    LLaMA projections) and whose name starts with none of the `exclude` prefixes. Refuses lm_head /
+    embeddings. Already quantized layers are not `nn.Linear`, so they are never listed twice."""
     targets = tuple(DEFAULT_TARGETS if targets is None else targets)
     forbidden = [t for t in targets if t in NEVER_QUANTIZED]
     if forbidden:
@@ -28,9 +31,8 @@ def target_linears(model: nn.Module, targets: tuple[str, ...] | list[str] | None
     names = [
         name for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+        and not any(name.startswith(prefix) for prefix in exclude)
     ]
-    if not names:
-        raise ValueError(f"targets: no nn.Linear named {list(targets)} in the model; check the module names")
     return names
 
 
@@ -46,6 +48,7 @@ def quantize_model(
     method: str = "rtn",
     targets: tuple[str, ...] | list[str] | None = None,
     *,
+    exclude: tuple[str, ...] | list[str] = (),
     symmetric: bool = False,
     scale_dtype: torch.dtype = torch.float16,
     zero_dtype: torch.dtype = torch.float32,
@@ -57,10 +60,15 @@ def quantize_model(
     Each float weight is released as soon as its layer is packed, so peak memory stays at the
     input model's size. Every layer's shape is checked against `layout` before anything changes:
     a layer the layout does not fit is an error, or with `skip_indivisible=True` stays in 16 bit
-    (logged; e.g. SmolLM2's 576-wide inputs with g = 128). Returns the same model.
+    (logged; e.g. SmolLM2's 576-wide inputs with g = 128). `exclude` lists module-name prefixes to
+    leave alone (e.g. "model.layers.0."). Returns the same model.
     """
     names, skipped = [], []
-    for name in target_linears(model, targets):
+    candidates = target_linears(model, targets, exclude)
+    if not candidates:
+        raise ValueError(f"targets: no nn.Linear named {list(targets or DEFAULT_TARGETS)} in the model; "
+                         "check the module names")
+    for name in candidates:
         linear = model.get_submodule(name)
         try:
             layout.check(linear.out_features, linear.in_features, name=name)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from lowbit_ft.convert import target_linears
 from lowbit_ft.fsutil import atomic_directory
 from lowbit_ft.kernels import pack_codes, unpack_codes, values_per_unit
 from lowbit_ft.layout import SUPPORTED_BITS, BlockLayout
@@ -58,10 +59,14 @@ def to_gptq(layer: QuantLinear, checkpoint_format: str = "gptq_v2", name: str = 
                 "represent; write checkpoint_format='gptq_v2'"
             )
         zeros = zeros - 1
+    scales = layer.scales.t().to(torch.float16).contiguous()
+    if not torch.equal(scales.to(layer.scales.dtype), layer.scales.t()):
+        raise ValueError(f"{name}: scales are {layer.scales.dtype} and not exactly representable in GPTQ's float16; "
+                         "quantize with scale_dtype=torch.float16")
     tensors = {
         "qweight": layer.qweight.t().contiguous(),
         "qzeros": pack_codes(zeros, layout.bits),
-        "scales": layer.scales.t().to(torch.float16).contiguous(),
+        "scales": scales,
         "g_idx": torch.arange(layer.in_features, dtype=torch.int32) // layout.block_in,
     }
     if layer.bias is not None:
@@ -127,7 +132,8 @@ def from_gptq(
 
 
 def quantization_config(bits: int, group_size: int, checkpoint_format: str, sym: bool = False) -> dict:
-    """The `quantization_config` block of config.json for a GPTQ checkpoint."""
+    """The `quantization_config` block of config.json for a GPTQ checkpoint (transformers/optimum read
+    `checkpoint_format`, GPTQModel reads `format`: both are written)."""
     return {
         "quant_method": "gptq",
         "bits": bits,
@@ -135,6 +141,8 @@ def quantization_config(bits: int, group_size: int, checkpoint_format: str, sym:
         "desc_act": False,
         "sym": sym,
         "checkpoint_format": checkpoint_format,
+        "format": checkpoint_format,
+        "pack_dtype": "int32",
         "true_sequential": True,
     }
 
@@ -154,9 +162,16 @@ def save_gptq(
     renamed into place, so a failure leaves `out_dir` untouched.
     """
     _check_format(checkpoint_format)
+    if any(".base." in key or ".adapter." in key for key in model.state_dict()):
+        raise ValueError("model has adapters attached: lowbit_ft.adapters.merge(model) first (GPTQ holds integer "
+                         "zeros, so only an unmerged base fits; merged models export in the lowbit format)")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("model has no QuantLinear layers; run lowbit_ft.quantize_model first")
+    left_float = target_linears(model)
+    if left_float:
+        raise ValueError(f"{len(left_float)} target linears are not quantized (e.g. {left_float[0]}); GPTQ loaders "
+                         "would treat them as quantized: quantize every target with a group size that fits")
     layouts = {m.layout for m in layers.values()}
     if len(layouts) != 1:
         raise ValueError(f"GPTQ needs one layout for every layer, the model has {sorted(map(str, layouts))}")
@@ -173,7 +188,8 @@ def save_gptq(
         tensors[key] = value.to(dtype) if value.is_floating_point() else value
     config = model.config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
-    config["quantization_config"] = quantization_config(layout.bits, layout.block_in, checkpoint_format)
+    sym = all(bool((m.zeros == 1 << (layout.bits - 1)).all()) for m in layers.values())
+    config["quantization_config"] = quantization_config(layout.bits, layout.block_in, checkpoint_format, sym)
     with atomic_directory(out_dir, overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -197,8 +213,13 @@ def read_gptq_config(path: Path) -> dict:
         raise ValueError(
             f"{path}: quantization_config.desc_act=true (act-order) is unsupported; quantize with desc_act=false"
         )
-    fmt = qc.get("checkpoint_format", "gptq")
+    fmt = qc.get("checkpoint_format") or qc.get("format") or "gptq"
     _check_format(fmt)
+    if qc.get("dynamic"):
+        raise ValueError(f"{path}: quantization_config.dynamic (per-module overrides) is unsupported; "
+                         "re-quantize with one bits/group_size for every module")
+    if qc.get("pack_dtype", "int32") != "int32":
+        raise ValueError(f"{path}: quantization_config.pack_dtype={qc['pack_dtype']!r} is unsupported; only int32")
     group_size = qc.get("group_size", 128)
     if not isinstance(group_size, int) or (group_size < 1 and group_size != -1):
         raise ValueError(f"{path}: quantization_config.group_size={group_size!r} must be a positive integer or -1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from lowbit_ft.convert import set_submodule
 from lowbit_ft.gptq_format import GPTQ_KEYS, from_gptq, read_gptq_config
 
 BUILTIN_SMOLLM2 = "smollm2"
+log = logging.getLogger(__name__)
 
 
 def smollm2_gguf() -> Path:
@@ -86,25 +88,36 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float16, 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     files = _safetensors_files(path)
-    for file in tqdm(files, desc=f"loading {path.name}", leave=False):
+    # a layer's tensors may sit in different shards: index every key's file first
+    key_file: dict[str, Path] = {}
+    for file in files:
         with safe_open(file, framework="pt") as f:
-            keys = list(f.keys())
-            layers = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith(".qweight")})
-            for name in layers:
-                tensors = {k: f.get_tensor(f"{name}.{k}") for k in GPTQ_KEYS if f"{name}.{k}" in keys}
-                try:
-                    model.get_submodule(name)
-                except AttributeError:
-                    raise ValueError(
-                        f"{file.name}: quantized layer {name} is not in the model described by config.json"
-                    ) from None
-                set_submodule(model, name, from_gptq(tensors, name=name, backend=backend, **qc))
-            quantized = set(layers)
-            for key in keys:
-                if key.rsplit(".", 1)[0] in quantized:
-                    continue
-                tensor = f.get_tensor(key)
-                _assign(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            key_file.update(dict.fromkeys(f.keys(), file))
+    layers = sorted({k.rsplit(".", 1)[0] for k in key_file if k.endswith(".qweight")})
+    opened: dict[Path, object] = {}
+
+    def read(key: str) -> torch.Tensor:
+        file = key_file[key]
+        if file not in opened:
+            opened[file] = safe_open(file, framework="pt")
+        return opened[file].get_tensor(key)
+
+    for name in tqdm(layers, desc=f"loading {path.name}", leave=False):
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantized layer {name} is not in the model described by config.json") from None
+        tensors = {k: read(f"{name}.{k}") for k in GPTQ_KEYS if f"{name}.{k}" in key_file}
+        set_submodule(model, name, from_gptq(tensors, name=name, backend=backend, **qc))
+    quantized = set(layers)
+    for key in key_file:
+        if key.rsplit(".", 1)[0] in quantized:
+            continue
+        if key.endswith("rotary_emb.inv_freq"):  # older checkpoints store this derived buffer; it is rebuilt
+            log.warning("ignoring %s from the checkpoint (recomputed from config)", key)
+            continue
+        tensor = read(key)
+        _assign(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -115,6 +128,16 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float16, 
     return model.eval()
 
 
+def load_tokenizer(source: str):
+    """The tokenizer of a model source ('smollm2', a .gguf file, or a directory with tokenizer files)."""
+    path = smollm2_gguf() if source == BUILTIN_SMOLLM2 else Path(source)
+    if path.suffix == ".gguf" and path.is_file():
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if not _has_tokenizer(path):
+        raise FileNotFoundError(f"{source!r}: no tokenizer files (tokenizer.json / tokenizer_config.json) there")
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load_model(source: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from 'smollm2' (the built-in SmolLM2-135M-Instruct), a .gguf file, a HF
     directory, or a GPTQ directory (which loads with QuantLinear layers via `load_quantized`)."""
@@ -122,14 +145,14 @@ def load_model(source: str, dtype: torch.dtype = torch.float32):
         source = str(smollm2_gguf())
     path = Path(source)
     if path.suffix == ".gguf" and path.is_file():
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = load_tokenizer(str(path))
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         return model.eval(), tokenizer
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"model={source!r}: not 'smollm2', a .gguf file, or a directory with config.json; check the path"
         )
-    tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+    tokenizer = load_tokenizer(str(path)) if _has_tokenizer(path) else None
     if "quantization_config" in json.loads((path / "config.json").read_text()):
         return load_quantized(path, dtype=dtype), tokenizer
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), tokenizer

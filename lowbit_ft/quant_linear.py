@@ -108,6 +108,16 @@ class QuantLinear(nn.Module):
         )
         return cls.from_quantized(quantized, layout, linear.bias, zero_dtype=zero_dtype, backend=backend)
 
+    def _apply(self, fn, recurse=True):
+        # The buffers' dtypes are the storage format (int32 codes, fp16 scales, float zeros): a
+        # model-wide .half() / .to(bf16) must move them between devices but never cast them — a
+        # bf16 zero would lose a merged adapter. Only the device part of `fn` is applied.
+        def device_only(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        return super()._apply(device_only, recurse)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight s · (Q − z), shape (out, in). Allocates it in full: not for the forward pass."""
         return dequantize(self, dtype)

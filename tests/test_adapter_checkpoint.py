@@ -72,11 +72,20 @@ def test_other_adapter_refused(tmp_path):
         load_adapters(model, path)
 
 
-def test_mismatched_shapes_refused(tmp_path):
-    path = save_adapters(trained("qa_lora", r=4), tmp_path / "a.safetensors")
-    model = attach(quantized(), "qa_lora", r=8)
-    with pytest.raises(ValueError, match=r"lora_A has shape \(4, 2\), the model's adapter has \(8, 2\)"):
+def test_other_hparams_refused(tmp_path):
+    path = save_adapters(trained("qa_lora", r=4, alpha=8), tmp_path / "a.safetensors")
+    model = attach(quantized(), "qa_lora", r=4, alpha=64)
+    with pytest.raises(ValueError, match=r"saved with hparams .*'alpha': 8.*the model's .* adapter has .*'alpha': 64"):
         load_adapters(model, path)
+
+
+def test_adapters_of_another_model_shape_refused(tmp_path):
+    other = make_tiny_llama(intermediate=256)
+    quantize_model(other, BlockLayout.group(4, 32), progress=False)
+    path = save_adapters(attach(other, "qa_lora", r=4), tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match=r"mlp.gate_proj.adapter.lora_B has shape \(256, 4\), the model's adapter "
+                                         r"has \(128, 4\)"):
+        load_adapters(quantized(), path)
 
 
 def test_missing_tensor_refused(tmp_path):

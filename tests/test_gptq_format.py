@@ -148,6 +148,8 @@ def test_wrong_shape_refused(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
+    ("dynamic", {"-:.*down_proj": {}}, r"quantization_config.dynamic \(per-module overrides\) is unsupported"),
+    ("pack_dtype", "int16", r"pack_dtype='int16' is unsupported"),
     ("bits", 5, r"quantization_config.bits=5 is unsupported"),
     ("desc_act", True, r"quantization_config.desc_act=true \(act-order\) is unsupported"),
     ("checkpoint_format", "marlin", r"checkpoint_format='marlin' is unknown"),
@@ -188,3 +190,58 @@ def test_existing_output_not_overwritten(tmp_path):
     save_gptq(_model_with_zeros_above_0(4), tmp_path / "ckpt", overwrite=True)
     assert not (tmp_path / "ckpt" / "mine.txt").exists() and (tmp_path / "ckpt" / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_sharded_checkpoint_with_a_layer_split_across_shards(tmp_path, tokens):
+    model = _model_with_zeros_above_0(4)
+    path = save_gptq(model, tmp_path / "ckpt", dtype=torch.float32)
+    tensors = load_file(path / "model.safetensors")
+    first = {k: v for k, v in tensors.items() if not k.endswith("qzeros")}
+    second = {k: v for k, v in tensors.items() if k.endswith("qzeros")}  # every layer straddles both shards
+    (path / "model.safetensors").unlink()
+    save_file(first, path / "model-00001-of-00002.safetensors")
+    save_file(second, path / "model-00002-of-00002.safetensors")
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in first}
+    weight_map.update({k: "model-00002-of-00002.safetensors" for k in second})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with torch.no_grad():
+        assert torch.equal(load_quantized(path, dtype=torch.float32)(tokens).logits, model(tokens).logits)
+
+
+def test_symmetric_flag_written_from_the_zeros(tmp_path):
+    model = make_tiny_llama()
+    quantize_model(model, BlockLayout.group(4, 32), symmetric=True, progress=False)
+    config = json.loads((save_gptq(model, tmp_path / "sym") / "config.json").read_text())
+    assert config["quantization_config"]["sym"] is True
+    assert config["quantization_config"]["format"] == "gptq_v2"
+    asym = json.loads((_saved(tmp_path) / "config.json").read_text())
+    assert asym["quantization_config"]["sym"] is False
+
+
+def test_gptqmodel_format_key_is_read(tmp_path):
+    path = _saved(tmp_path)  # v2 on disk
+    config = json.loads((path / "config.json").read_text())
+    del config["quantization_config"]["checkpoint_format"]
+    (path / "config.json").write_text(json.dumps(config))
+    layers = quant_layers(load_quantized(path))
+    assert all(float(m.zeros.min()) >= 1 for m in layers.values())  # read as v2: no +1 shift
+
+
+def test_model_with_adapters_or_float_targets_refused(tmp_path):
+    from lowbit_ft.adapters import attach
+
+    with pytest.raises(ValueError, match=r"model has adapters attached: lowbit_ft.adapters.merge\(model\) first"):
+        save_gptq(attach(_model_with_zeros_above_0(4), "qa_lora"), tmp_path / "a")
+    partial = make_tiny_llama(intermediate=96)
+    quantize_model(partial, BlockLayout.group(4, 64), skip_indivisible=True, progress=False)
+    with pytest.raises(ValueError, match=r"2 target linears are not quantized \(e.g. model.layers.0.mlp.down_proj\)"):
+        save_gptq(partial, tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_float32_scales_refused_unless_exact():
+    codes = torch.zeros(32, 64, dtype=torch.uint8)
+    layer = QuantLinear.from_quantized(
+        QuantizedWeight(codes, torch.full((32, 2), 0.1), torch.ones(32, 2)), BlockLayout.group(4, 32))
+    with pytest.raises(ValueError, match="not exactly representable in GPTQ's float16"):
+        to_gptq(layer)

@@ -67,8 +67,11 @@ def test_backward_keeps_no_dequantized_weight():
 
     x = torch.randn(4, 128, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
-    assert not [t for t in saved if t.is_floating_point() and t.numel() >= 64 * 128]
+        y = quant_matmul(x, layer)
+    # the backward node of a custom Function is its ctx: look at what it holds, saved or stashed
+    held = saved + [v for v in vars(y.grad_fn).values() if isinstance(v, torch.Tensor)]
+    assert not [t for t in held if t.is_floating_point() and t.numel() >= 64 * 128]
+    assert y.grad_fn.w is layer  # a reference to the packed layer, nothing dequantized
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
 
@@ -106,3 +109,13 @@ def test_bf16_input_keeps_its_dtype():
     assert y.dtype == torch.bfloat16
     # bf16 has 8 mantissa bits: outputs agree with float32 to ~1e-2 relative
     assert torch.allclose(y.float(), layer(x), rtol=2e-2, atol=2e-2)
+
+
+def test_model_wide_casts_keep_the_storage_dtypes():
+    _, layer = make_layer(4, (1, 32))
+    zeros = layer.zeros.clone()
+    zeros[0, 0] = 7.123456789  # a merged, fractional zero that bf16 would round away
+    layer.zeros.copy_(zeros)
+    layer.to(torch.bfloat16).half().double()
+    assert (layer.qweight.dtype, layer.scales.dtype, layer.zeros.dtype) == (torch.int32, torch.float16, torch.float32)
+    assert torch.equal(layer.zeros, zeros)

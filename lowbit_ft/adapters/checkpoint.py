@@ -67,6 +67,10 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     names = {w.adapter_name for w in layers.values()}
     if names != {info["adapter"]}:
         raise ValueError(f"{path}: holds '{info['adapter']}' adapters, the model has {sorted(names)}")
+    for name, wrapped in layers.items():
+        if wrapped.adapter.hparams != info["hparams"]:
+            raise ValueError(f"{path}: saved with hparams {info['hparams']}, the model's {name} adapter has "
+                             f"{wrapped.adapter.hparams}; attach with the same hparams or load into a fresh model")
     expected = {f"{name}.adapter.{key}": value for name, wrapped in layers.items()
                 for key, value in wrapped.adapter.state_dict().items()}
     with safe_open(str(path), framework="pt") as f:

@@ -1,0 +1,204 @@
+"""Instruction data: Alpaca-format JSON/JSONL → tokenized, prompt-masked batches.
+
+A record is {"instruction": str, "output": str, "input": str (optional)}. The loss covers the response
+tokens only (prompt labels are -100). `path: builtin:demo` generates a small offline task set.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lowbit_ft.loading import load_tokenizer
+
+IGNORE_INDEX = -100
+BUILTIN_DEMO = "builtin:demo"
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def demo_records(n: int = 512, seed: int = 0) -> list[dict]:
+    """A deterministic, offline instruction set of short tasks a small model learns in a few dozen steps."""
+    rng = random.Random(seed)
+    words = ["apple", "river", "planet", "garden", "window", "silver", "rocket", "forest", "button", "candle",
+             "dragon", "pencil", "mirror", "castle", "violin", "island"]
+    capitals = {"France": "Paris", "Italy": "Rome", "Japan": "Tokyo", "Spain": "Madrid", "Egypt": "Cairo",
+                "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "India": "New Delhi"}
+    records = []
+    for _ in range(n):
+        kind = rng.randrange(5)
+        if kind == 0:
+            w = rng.choice(words)
+            records.append({"instruction": "Reverse the letters of the word.", "input": w, "output": w[::-1]})
+        elif kind == 1:
+            a, b = rng.randrange(100), rng.randrange(100)
+            records.append({"instruction": "Add the two numbers.", "input": f"{a} + {b}", "output": str(a + b)})
+        elif kind == 2:
+            text = " ".join(rng.sample(words, 2))
+            records.append({"instruction": "Write the text in uppercase.", "input": text, "output": text.upper()})
+        elif kind == 3:
+            country = rng.choice(sorted(capitals))
+            records.append({"instruction": f"What is the capital of {country}?", "input": "",
+                            "output": capitals[country]})
+        else:
+            nums = rng.sample(range(50), 4)
+            records.append({"instruction": "Sort the numbers in ascending order.",
+                            "input": ", ".join(map(str, nums)), "output": ", ".join(map(str, sorted(nums)))})
+    return records
+
+
+def read_records(path: str) -> list[dict]:
+    """Records from a local .json/.jsonl file (read with `datasets`), or the built-in demo set.
+    Every record must have non-empty 'instruction' and 'output' strings."""
+    if path == BUILTIN_DEMO:
+        return demo_records()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data.path={path!r}: file not found; give a local Alpaca-format .json/.jsonl "
+                                f"file or '{BUILTIN_DEMO}'")
+    import datasets
+
+    try:
+        records = datasets.load_dataset("json", data_files=str(path), split="train").to_list()
+    except Exception as err:  # datasets wraps JSON errors in several exception types
+        raise ValueError(f"data.path={path!r}: not readable as JSON/JSONL records ({type(err).__name__})") from None
+    for i, record in enumerate(records):
+        for field in ("instruction", "output"):
+            if not isinstance(record.get(field), str) or not record[field]:
+                raise ValueError(f"data.path={path!r}: record {i} has no '{field}' string; every record needs "
+                                 "'instruction' and 'output' ('input' is optional)")
+    return records
+
+
+def format_prompt(record: dict, template: str, tokenizer) -> str:
+    instruction, extra = record["instruction"], record.get("input") or ""
+    if template == "alpaca":
+        return (ALPACA_WITH_INPUT if extra else ALPACA_NO_INPUT).format(instruction=instruction, input=extra)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.template='chat': the tokenizer has no chat template; use data.template='alpaca'")
+    content = f"{instruction}\n\n{extra}" if extra else instruction
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def tokenize(record: dict, tokenizer, template: str, max_length: int) -> dict[str, list[int]]:
+    """input_ids and labels (prompt masked with -100), truncated to max_length; ends with EOS."""
+    prompt = tokenizer(format_prompt(record, template, tokenizer), add_special_tokens=False)["input_ids"]
+    response = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt + response)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """Concatenate examples into max_length blocks (each keeps its own prompt mask)."""
+    ids, labels, blocks = [], [], []
+    for ex in examples:
+        ids += ex["input_ids"]
+        labels += ex["labels"]
+        while len(ids) >= max_length:
+            blocks.append({"input_ids": ids[:max_length], "labels": labels[:max_length]})
+            ids, labels = ids[max_length:], labels[max_length:]
+    return blocks
+
+
+class Collate:
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(ex["input_ids"]) for ex in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ex in enumerate(batch):
+            n = len(ex["input_ids"])
+            ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(ex["input_ids"]), torch.tensor(ex["labels"]), 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Alpaca-format instruction data for causal-LM fine-tuning.
+
+    Args:
+        path: local .json/.jsonl file of {instruction, input, output} records, or 'builtin:demo'.
+        tokenizer: model source to take the tokenizer from (set from model.base by the CLI).
+        template: 'alpaca' (the Alpaca prompt) or 'chat' (the tokenizer's chat template).
+        max_length: tokens per example (or per packed block); longer examples are truncated.
+        batch_size: examples per device per step.
+        val_fraction: share of records held out for validation (seeded split).
+        seed: seed of the split and of the per-epoch shuffle.
+        packing: concatenate examples into max_length blocks instead of padding each.
+        limit: use only the first N records (after the split's shuffle), e.g. for smoke runs.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(self, path: str = BUILTIN_DEMO, tokenizer: str = "smollm2",
+                 template: Literal["alpaca", "chat"] = "alpaca", max_length: int = 512, batch_size: int = 4,
+                 val_fraction: float = 0.05, seed: int = 42, packing: bool = False, limit: int | None = None,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        if path is None:
+            raise ValueError("data.path is required: set it to your Alpaca .json/.jsonl file (e.g. --data.path "
+                             "alpaca_data.json)")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        self.save_hyperparameters()
+        self.train_set: list[dict] = []
+        self.val_set: list[dict] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set:
+            return
+        h = self.hparams
+        records = read_records(h.path)
+        tokenizer = load_tokenizer(h.tokenizer)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.pad_id = tokenizer.pad_token_id
+        order = list(range(len(records)))
+        random.Random(h.seed).shuffle(order)
+        if h.limit:
+            order = order[: h.limit]
+        n_val = int(len(order) * h.val_fraction)
+        examples = [tokenize(records[i], tokenizer, h.template, h.max_length) for i in order]
+        val, train = examples[:n_val], examples[n_val:]
+        self.train_set = pack(train, h.max_length) if h.packing else train
+        self.val_set = val
+        if not self.train_set:
+            raise ValueError(f"data.path={h.path!r}: no training examples left after the split; add records or "
+                             "lower data.val_fraction")
+
+    def _loader(self, dataset: list[dict], shuffle: bool) -> DataLoader:
+        trainer = self.trainer
+        # a seeded sampler whose order depends on (seed, epoch) only: resumed runs see the same batches,
+        # and under DDP each rank takes its share of the same permutation
+        sampler = DistributedSampler(dataset, num_replicas=trainer.world_size if trainer else 1,
+                                     rank=trainer.global_rank if trainer else 0, shuffle=shuffle,
+                                     seed=self.hparams.seed, drop_last=shuffle)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
+                          collate_fn=Collate(self.pad_id), num_workers=self.hparams.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

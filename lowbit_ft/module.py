@@ -1,0 +1,224 @@
+"""`LowBitModule`: the LightningModule that fine-tunes adapters on a packed low-bit base.
+
+To try a new adapter design, subclass and override the hooks (each documented below):
+`load_base_model` (where the model comes from), `configure_adapters` (what trains),
+`compute_loss` (the objective). Everything else — checkpointing adapters only, metrics, optimizer
+over trainable parameters, NaN guard — applies unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Literal
+
+import lightning as L
+import torch
+import torchmetrics
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+
+from lowbit_ft import adapters
+from lowbit_ft.convert import quant_layers
+from lowbit_ft.data import IGNORE_INDEX
+from lowbit_ft.loading import load_model
+from lowbit_ft.precision import LowBitPrecision
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stops and the last checkpoint written before stays."""
+
+
+class LowBitModule(L.LightningModule):
+    """Fine-tune an adapter on a low-bit LLaMA-family base.
+
+    Args:
+        base: 'smollm2' (built-in SmolLM2-135M-Instruct), a HF model directory, a GPTQ directory, or a .gguf file.
+        adapter: adapter name from lowbit_ft.adapters.REGISTRY: lora, qa_lora, q_bara, qa_hira.
+        r: adapter rank.
+        alpha: adapter scale numerator (the output is scaled by alpha / r).
+        dropout: dropout on the adapter's pooled input.
+        adapter_args: further adapter hyper-parameters, e.g. {group_size: 64} or {block_out: 8, block_in: 4}.
+        targets: which linears get adapters (last name component); default all quantized ones.
+        optimizer: adamw, or paged_adamw / adamw_8bit (need bitsandbytes on CUDA).
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        scheduler: constant (the QA-LoRA paper) or cosine (decays to 0 at trainer.max_steps).
+        warmup_steps: linear warm-up steps before the schedule.
+        gradient_checkpointing: recompute activations in backward to save memory.
+    """
+
+    def __init__(self, base: str = "smollm2", adapter: str = "qa_lora", r: int = 64, alpha: float = 16.0,
+                 dropout: float = 0.0, adapter_args: dict | None = None, targets: list[str] | None = None,
+                 optimizer: Literal["adamw", "paged_adamw", "adamw_8bit"] = "adamw", lr: float = 2e-4,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 scheduler: Literal["constant", "cosine"] = "constant", warmup_steps: int = 0,
+                 gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        try:
+            adapters.get_adapter_class(adapter)
+        except ValueError as err:
+            raise ValueError(f"model.{err}") from None
+        if scheduler not in ("constant", "cosine"):
+            raise ValueError(f"model.scheduler={scheduler!r} is unknown: use 'constant' or 'cosine'")
+        if optimizer not in ("adamw", "paged_adamw", "adamw_8bit"):
+            raise ValueError(f"model.optimizer={optimizer!r} is unknown: use adamw, paged_adamw or adamw_8bit")
+        self.save_hyperparameters()
+        self.model: nn.Module | None = None
+        self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
+        self.val_loss = torchmetrics.MeanMetric()
+        self.val_accuracy = torchmetrics.MeanMetric()
+        self._step_started = None
+
+    # --- hooks a subclass overrides -----------------------------------------------------------
+    def load_base_model(self) -> nn.Module:
+        """Return the base causal LM (float, or already quantized from a GPTQ directory), on CPU."""
+        plugin = self.lowbit_precision
+        model, _ = load_model(self.hparams.base, dtype=plugin.dtype if plugin else torch.float32)
+        return model
+
+    def configure_adapters(self, model: nn.Module) -> nn.Module:
+        """Attach the trainable adapters to the quantized model (default: `lowbit_ft.adapters.attach`)."""
+        h = self.hparams
+        try:
+            return adapters.attach(model, h.adapter, targets=h.targets, r=h.r, alpha=h.alpha, dropout=h.dropout,
+                                   **(h.adapter_args or {}))
+        except ValueError as err:
+            raise ValueError(f"model.adapter={h.adapter!r}: {err}") from None
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (mean loss over response tokens, logits). Prompt tokens carry label -100."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                           ignore_index=IGNORE_INDEX)
+        return loss, logits
+
+    # --- Lightning ---------------------------------------------------------------------------
+    @property
+    def lowbit_precision(self) -> LowBitPrecision | None:
+        plugin = self._trainer.precision_plugin if self._trainer is not None else None
+        return plugin if isinstance(plugin, LowBitPrecision) else None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        model = self.load_base_model()
+        plugin = self.lowbit_precision
+        # quantize before attaching: adapters wrap QuantLinear, and must exist before DDP wraps the
+        # model and the optimizer is built (Lightning calls convert_module again later: a no-op)
+        if plugin is not None:
+            plugin.convert_module(model)
+        elif not quant_layers(model):
+            raise ValueError("trainer.plugins: add a lowbit_ft.LowBitPrecision plugin (bits, group_size) to "
+                             "quantize the base, or set model.base to a GPTQ checkpoint")
+        if self.hparams.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = self.configure_adapters(model)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy):
+            # the packed base never changes: broadcasting its buffers every step would be pure waste
+            strategy._ddp_kwargs.setdefault("broadcast_buffers", False)
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            ckpt = getattr(self._trainer.checkpoint_callback, "last_model_path", "") if self._trainer else ""
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at global step {self.global_step}: training stopped; "
+                f"the last good checkpoint is {ckpt or '(none written yet)'}; lower model.lr or check the data"
+            )
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self.compute_loss(batch)
+        self._check_finite(loss)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        tokens = batch["attention_mask"].sum() * (self._trainer.world_size if self._trainer else 1)
+        self.log("train/tokens_per_s", tokens.float() / elapsed, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("train/peak_mem_gb", peak_memory_gb(self.device))
+
+    def validation_step(self, batch, batch_idx):
+        loss, logits = self.compute_loss(batch)
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        correct = (logits[:, :-1].argmax(-1) == labels) & mask
+        self.val_loss.update(loss, weight=mask.sum())
+        self.val_accuracy.update(correct.sum() / mask.sum().clamp(min=1), weight=mask.sum())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict({"val/loss": loss, "val/perplexity": torch.exp(loss),
+                       "val/token_accuracy": self.val_accuracy.compute()}, prog_bar=True, sync_dist=True)
+        self.val_loss.reset()
+        self.val_accuracy.reset()
+
+    def configure_optimizers(self):
+        h = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = build_optimizer(h.optimizer, params, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
+        total = self._trainer.max_steps if self._trainer is not None else -1
+        if h.scheduler == "cosine" and (total is None or total < 1):
+            raise ValueError("model.scheduler='cosine' needs trainer.max_steps > 0 to know where to end")
+
+        def factor(step: int) -> float:
+            if step < h.warmup_steps:
+                return (step + 1) / h.warmup_steps
+            if h.scheduler == "cosine":
+                progress = min(1.0, (step - h.warmup_steps) / max(1, total - h.warmup_steps))
+                return 0.5 * (1 + math.cos(math.pi * progress))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints: adapters + optimizer + config, never the base ------------------------------
+    def adapter_state_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.adapter_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected, found = self.adapter_state_keys(), set(checkpoint.get("state_dict", {}))
+        if expected != found:
+            missing, unexpected = sorted(expected - found), sorted(found - expected)
+            raise ValueError(
+                f"checkpoint does not match this model's adapters (missing {missing[:2]}, unexpected "
+                f"{unexpected[:2]}): resume with the same model.* settings it was trained with"
+            )
+
+
+def build_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ValueError(f"model.optimizer={name!r} needs bitsandbytes (pip install bitsandbytes, CUDA); "
+                         "use model.optimizer=adamw") from None
+    return (bnb.optim.PagedAdamW if name == "paged_adamw" else bnb.optim.AdamW8bit)(params, **kwargs)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory, or on CPU the process's peak resident set (VmHWM)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open(f"/proc/{os.getpid()}/status") as status:
+            line = next(x for x in status if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**20
+    except (OSError, StopIteration):
+        return float("nan")
