@@ -12,6 +12,7 @@ from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 from torch import nn
 
+from lowbit_ft.adapters import save_adapters
 from lowbit_ft.convert import quant_layers, quantize_model, target_linears
 from lowbit_ft.data import InstructionDataModule
 from lowbit_ft.gptq_format import save_gptq
@@ -160,6 +161,19 @@ class LowBitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.base", "data.tokenizer")
 
+    def after_fit(self) -> None:
+        """Say where the result is: the adapters (safetensors), the resumable checkpoint, the logs."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        root = Path(trainer.default_root_dir)
+        adapter_file = save_adapters(self.model.model, root / "adapters.safetensors", overwrite=True)
+        ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "(no checkpoint callback)"
+        print(f"adapters              {adapter_file.resolve()}")
+        print(f"checkpoint (resume)   {ckpt}")
+        if trainer.logger is not None and trainer.logger.log_dir:
+            print(f"logs                  {Path(trainer.logger.log_dir).resolve()}")
+
 
 LIGHTNING_COMMANDS = {
     "fit": "train adapters on a low-bit base: lowbit-ft fit --config recipes/quickstart.yaml",
@@ -182,7 +196,8 @@ def overview() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `lowbit-ft` console script."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    from_shell = argv is None
+    argv = sys.argv[1:] if from_shell else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(overview())
         return
@@ -190,8 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         if argv[0] in PROJECT_COMMANDS:
             CLI(PROJECT_COMMANDS, args=argv, as_positional=False, description=overview())
         else:
-            LowBitCLI(LowBitModule, InstructionDataModule, args=argv, save_config_kwargs={"overwrite": True},
-                      parser_kwargs={"exit_on_error": False})
+            LowBitCLI(LowBitModule, InstructionDataModule, args=None if from_shell else argv,
+                      save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     except ArgumentError as err:
         print(f"lowbit-ft: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None

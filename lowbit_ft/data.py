@@ -6,6 +6,7 @@ tokens only (prompt labels are -100). `path: builtin:demo` generates a small off
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,7 @@ from lowbit_ft.loading import load_tokenizer
 
 IGNORE_INDEX = -100
 BUILTIN_DEMO = "builtin:demo"
+log = logging.getLogger(__name__)
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -145,7 +147,7 @@ class InstructionDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
     """
 
-    def __init__(self, path: str = BUILTIN_DEMO, tokenizer: str = "smollm2",
+    def __init__(self, path: str | None = BUILTIN_DEMO, tokenizer: str = "smollm2",
                  template: Literal["alpaca", "chat"] = "alpaca", max_length: int = 512, batch_size: int = 4,
                  val_fraction: float = 0.05, seed: int = 42, packing: bool = False, limit: int | None = None,
                  num_workers: int = 0) -> None:
@@ -172,14 +174,19 @@ class InstructionDataModule(L.LightningDataModule):
         random.Random(h.seed).shuffle(order)
         if h.limit:
             order = order[: h.limit]
-        n_val = int(len(order) * h.val_fraction)
         examples = [tokenize(records[i], tokenizer, h.template, h.max_length) for i in order]
-        val, train = examples[:n_val], examples[n_val:]
+        # a prompt longer than max_length leaves no response token to learn from: such rows are dropped
+        kept = [ex for ex in examples if any(label != IGNORE_INDEX for label in ex["labels"])]
+        if len(kept) < len(examples):
+            log.warning("dropped %d of %d examples whose prompt fills data.max_length=%d", len(examples) - len(kept),
+                        len(examples), h.max_length)
+        n_val = int(len(kept) * h.val_fraction)
+        val, train = kept[:n_val], kept[n_val:]
         self.train_set = pack(train, h.max_length) if h.packing else train
         self.val_set = val
         if not self.train_set:
-            raise ValueError(f"data.path={h.path!r}: no training examples left after the split; add records or "
-                             "lower data.val_fraction")
+            raise ValueError(f"data.path={h.path!r}: no training examples left ({len(examples) - len(kept)} had no "
+                             "response token within data.max_length); raise data.max_length or add records")
 
     def _loader(self, dataset: list[dict], shuffle: bool) -> DataLoader:
         trainer = self.trainer

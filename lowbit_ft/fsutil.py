@@ -24,7 +24,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
         yield tmp
-        _default_permissions(tmp)
+        default_permissions(tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
@@ -37,10 +37,11 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         raise
 
 
-def _default_permissions(root: Path) -> None:
-    """mkdtemp makes 0700 directories (and some writers 0600 files); give the result the umask's modes."""
+def default_permissions(root: Path) -> None:
+    """mkdtemp makes 0700 directories and safetensors 0600 files: give what was written (a directory
+    and its contents, or one file) the modes the umask asks for."""
     umask = os.umask(0)
     os.umask(umask)
-    root.chmod(0o777 & ~umask)
+    root.chmod((0o777 if root.is_dir() else 0o666) & ~umask)
     for path in root.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -89,12 +89,20 @@ class LowBitModule(L.LightningModule):
             raise ValueError(f"model.adapter={h.adapter!r}: {err}") from None
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (mean loss over response tokens, logits). Prompt tokens carry label -100."""
+        """Return (mean loss over response tokens, logits). Prompt tokens carry label -100.
+
+        Under DDP the mean is over the response tokens of the *global* batch (each rank divides its
+        sum by the all-reduced count, times the world size that DDP's gradient averaging divides by),
+        so N processes at batch b train exactly like one at batch N·b."""
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                           ignore_index=IGNORE_INDEX)
-        return loss, logits
+        token_loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        count = (labels != IGNORE_INDEX).sum()
+        world = self._trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            count = self._trainer.strategy.reduce(count.float(), reduce_op="sum") / world
+        return token_loss / count.clamp(min=1), logits
 
     # --- Lightning ---------------------------------------------------------------------------
     @property
@@ -116,7 +124,7 @@ class LowBitModule(L.LightningModule):
                              "quantize the base, or set model.base to a GPTQ checkpoint")
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = self.configure_adapters(model)
+        self.model = self.configure_adapters(model.train())  # loaders return eval mode; Lightning toggles it
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, DDPStrategy):
             # the packed base never changes: broadcasting its buffers every step would be pure waste

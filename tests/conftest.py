@@ -39,3 +39,14 @@ def _register_readme_adapter() -> None:
 
 
 _register_readme_adapter()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaMA saved with SmolLM2's tokenizer (vocab 49,152): a real `model.base` for fits."""
+    from lowbit_ft.loading import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(vocab=49152).save_pretrained(path)
+    load_tokenizer("smollm2").save_pretrained(path)
+    return path

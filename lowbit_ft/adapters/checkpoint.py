@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit_ft.adapters.model import adapted_layers, attach
+from lowbit_ft.fsutil import default_permissions
 
 FORMAT = "lowbit-ft-adapters/1"
 
@@ -35,6 +36,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, overwrite: bool = F
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         save_file(tensors, tmp, metadata=metadata)
+        default_permissions(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

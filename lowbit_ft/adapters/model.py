@@ -42,7 +42,7 @@ def attach(model: nn.Module, name: str, targets: list[str] | tuple[str, ...] | N
         raise ValueError(f"targets: no QuantLinear matches {targets or 'any'}; run lowbit_ft.quantize_model first")
     built = {}
     for layer_name, base in layers.items():
-        adapter = _build(cls, name, base, hparams).to(base.qweight.device)
+        adapter = _build(cls, name, base, hparams).to(device=base.qweight.device, dtype=torch.float32)
         if cls.merges_into_low_bit and not aligned(adapter.tile, base.layout):
             raise ValueError(f"{layer_name}: " + misaligned_message(name, adapter.tile, base.layout))
         built[layer_name] = adapter

@@ -1,0 +1,75 @@
+"""LowBitModule + LowBitPrecision through the Python API: packed base, hooks a subclass overrides."""
+
+import lightning as L
+import torch
+from torch import nn
+
+from lowbit_ft import LowBitPrecision, QuantLinear
+from lowbit_ft.adapters import AdaptedLinear, adapted_layers, attach
+from lowbit_ft.convert import DEFAULT_TARGETS
+from lowbit_ft.data import InstructionDataModule
+from lowbit_ft.module import LowBitModule
+
+
+def fit(module, tmp_path, steps=2, **plugin):
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        limit_val_batches=0, plugins=[LowBitPrecision(dtype="float32", **plugin)])
+    data = InstructionDataModule(tokenizer=module.hparams.base, limit=16, max_length=96, batch_size=4)
+    trainer.fit(module, data)
+    return trainer
+
+
+def test_plugin_leaves_no_float_weight_for_any_target(tiny_model_dir, tmp_path):
+    module = LowBitModule(base=str(tiny_model_dir), adapter="qa_lora", r=4)
+    fit(module, tmp_path, bits=3, group_size=32)
+    seen = 0
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        parts = name.split(".")
+        if any(t in parts for t in DEFAULT_TARGETS):
+            seen += 1
+            kind = parts[parts.index(next(t for t in DEFAULT_TARGETS if t in parts)) + 1]
+            if kind == "base":
+                assert name.endswith((".qweight", ".scales", ".zeros")), name
+                assert not tensor.requires_grad, name
+            else:
+                assert kind == "adapter" and tensor.requires_grad, name
+    assert seen == 14 * 3 + 14 * 2  # 14 packed layers (qweight, scales, zeros) + their adapters (A, B)
+    assert all(isinstance(m.base, QuantLinear) for m in adapted_layers(module.model).values())
+
+
+def test_dtype_cast_of_the_plugin_keeps_packed_buffers(tiny_model_dir, tmp_path):
+    module = LowBitModule(base=str(tiny_model_dir), adapter="qa_lora", r=4)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0,
+                        plugins=[LowBitPrecision(bits=4, group_size=32, dtype="bfloat16")])
+    trainer.fit(module, InstructionDataModule(tokenizer=str(tiny_model_dir), limit=8, max_length=96, batch_size=4))
+    layer = next(iter(adapted_layers(module.model).values()))
+    assert (layer.base.scales.dtype, layer.base.zeros.dtype) == (torch.float16, torch.float32)
+    assert module.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert layer.adapter.lora_A.dtype == torch.float32  # adapters train in float32 under autocast
+
+
+class DoubleScaledQALoRA(LowBitModule):
+    """A new adapter design via the documented hooks: QA-LoRA on attention only, with a label-smoothed loss."""
+
+    def configure_adapters(self, model: nn.Module) -> nn.Module:
+        return attach(model, "qa_lora", targets=["q_proj", "v_proj"], r=2, alpha=4)
+
+    def compute_loss(self, batch):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                           ignore_index=-100, label_smoothing=0.1)
+        self.custom_loss_calls = getattr(self, "custom_loss_calls", 0) + 1
+        return loss, logits
+
+
+def test_subclass_overrides_the_hooks(tiny_model_dir, tmp_path):
+    module = DoubleScaledQALoRA(base=str(tiny_model_dir))
+    fit(module, tmp_path, steps=2, bits=4, group_size=32)
+    wrapped = adapted_layers(module.model)
+    assert {n.rsplit(".", 1)[-1] for n in wrapped} == {"q_proj", "v_proj"}
+    assert all(isinstance(m, AdaptedLinear) and m.adapter.r == 2 for m in wrapped.values())
+    assert module.custom_loss_calls == 2
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all(("q_proj" in n or "v_proj" in n) and ".adapter." in n for n in trainable)
