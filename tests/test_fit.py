@@ -45,6 +45,9 @@ def test_fit_lowers_loss_and_checkpoints_adapters_only(tiny_model_dir, tmp_path,
     adapter_bytes = sum(t.numel() * t.element_size() for t in state.values())
     # adapters + two AdamW moments + loop/config state; the tiny base alone would be > 12 MB
     assert ckpt.stat().st_size < 3 * adapter_bytes + 200_000
+    assert (tmp_path / "out/quickstart/adapters.safetensors").is_file()  # written by after_fit
+    main(["validate", "--config", QUICKSTART, "--model.base", str(tiny_model_dir), "--model.r", "4",
+          "--data.limit", "20", "--data.val_fraction", "0.2", "--data.max_length", "64", "--ckpt_path", str(ckpt)])
 
 
 def test_resume_matches_an_uninterrupted_run_bitwise(tiny_model_dir, tmp_path, monkeypatch):

@@ -73,3 +73,23 @@ def test_subclass_overrides_the_hooks(tiny_model_dir, tmp_path):
     assert module.custom_loss_calls == 2
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable and all(("q_proj" in n or "v_proj" in n) and ".adapter." in n for n in trainable)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = LowBitModule(base=str(tiny_model_dir), adapter="qa_lora", r=4, gradient_checkpointing=checkpointing)
+        trainer = L.Trainer(accelerator="cpu", logger=False, plugins=[LowBitPrecision(bits=4, group_size=32,
+                                                                                      dtype="float32")])
+        module._trainer = trainer  # configure_model reads the plugin from the trainer, as in fit
+        module.configure_model()
+        module.model.train()
+        ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+        loss, _ = module.compute_loss({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        loss.backward()
+        assert module.model.is_gradient_checkpointing == checkpointing
+        grads.append([p.grad.clone() for p in module.parameters() if p.requires_grad])
+    for plain, recomputed in zip(*grads, strict=True):
+        assert torch.allclose(plain, recomputed, atol=1e-6)
