@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lowbit_ft import BlockLayout, load_model
-from lowbit_ft.cli import probe_batch, quantize_and_report
 from lowbit_ft.convert import DEFAULT_TARGETS
+from lowbit_ft.report import probe_batch, quantize_and_report
 
 pytestmark = pytest.mark.slow
 
