@@ -9,6 +9,7 @@ g · dequant(W). `w` is any `PackedWeight` (e.g. a `lowbit_ft.QuantLinear`). Bac
 from __future__ import annotations
 
 import torch
+
 from lowbit_ft.kernels import reference
 from lowbit_ft.kernels.packing import pack_codes, unpack_codes, values_per_unit, words_per_unit
 from lowbit_ft.kernels.protocol import PackedWeight

@@ -8,6 +8,7 @@ It works tile by tile over output rows, so at most one tile of dequantized weigh
 from __future__ import annotations
 
 import torch
+
 from lowbit_ft.kernels.packing import unpack_codes
 from lowbit_ft.kernels.protocol import PackedWeight
 

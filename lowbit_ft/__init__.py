@@ -11,3 +11,7 @@ __all__ = [
     "BlockLayout", "LowBitPrecision", "QuantLinear", "load_model", "load_quantized", "quantize_model", "save_gptq",
 ]
 __version__ = "0.1.0"
+
+from lowbit_ft.lowbit_format import register_with_transformers as _register  # noqa: E402
+
+_register()  # AutoModelForCausalLM.from_pretrained(dir) understands quant_method "lowbit" from now on

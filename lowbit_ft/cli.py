@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from argparse import ArgumentError
 from pathlib import Path
@@ -11,11 +12,15 @@ from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
 from lowbit_ft.adapters import save_adapters
+from lowbit_ft.callbacks.merge_check import MergeMismatchError, check_merge
 from lowbit_ft.data import InstructionDataModule
+from lowbit_ft.export import FORMATS as EXPORT_FORMATS
+from lowbit_ft.export import export as export_model
 from lowbit_ft.gptq_format import save_gptq
 from lowbit_ft.layout import BlockLayout
-from lowbit_ft.loading import load_model, load_quantized
+from lowbit_ft.loading import BUILTIN_SMOLLM2, load_model, load_quantized, load_tokenizer, smollm2_gguf
 from lowbit_ft.module import LowBitModule, NonFiniteLossError
+from lowbit_ft.precision import DTYPES, LowBitPrecision
 from lowbit_ft.quantizer import get_quantizer
 from lowbit_ft.report import QuantReport, logits_of, probe_batch, quantize_and_report
 
@@ -69,6 +74,60 @@ def quantize(
     return report
 
 
+def module_from_checkpoint(checkpoint: Path) -> LowBitModule:
+    """Rebuild a trained LowBitModule from an adapter-only checkpoint: its base, quantized with the recorded
+    LowBitPrecision settings, plus the adapter weights. Loads with weights_only=True (no pickles)."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: file not found")
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated / foreign files
+        raise ValueError(f"--checkpoint {checkpoint}: not a readable checkpoint ({type(err).__name__})") from None
+    if "lowbit_precision" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(f"--checkpoint {checkpoint}: not a lowbit-ft training checkpoint (no lowbit_precision "
+                         "settings); export one written by lowbit-ft fit")
+    accepted = inspect.signature(LowBitModule.__init__).parameters
+    module = LowBitModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if k in accepted})
+    module.build_model(LowBitPrecision(**ckpt["lowbit_precision"]))
+    module.on_load_checkpoint(ckpt)  # same adapter keys, or a one-line error
+    module.load_state_dict(ckpt["state_dict"], strict=False)
+    return module.eval()
+
+
+def export(checkpoint: Path, output: Path, format: str = "lowbit", dtype: str = "float16",
+           round_zeros: bool = False, overwrite: bool = False) -> Path:
+    """Merge a training checkpoint's adapters into the low-bit base and write a deployable model.
+
+    Runs the merge check on a fixed batch first and records its figures in the model card.
+
+    Args:
+        checkpoint: a .ckpt written by `lowbit-ft fit` (adapter weights + settings; the base is re-read).
+        output: directory to create; refused if it exists unless --overwrite.
+        format: lowbit (merged low-bit, float zeros; default), gptq (gptq_v2; integer zeros only),
+            gguf (Q4_1 for llama.cpp; 4-bit g32 bases), hf (dense 16-bit).
+        dtype: storage dtype of the non-quantized tensors (and of every weight for --format hf).
+        round_zeros: allow gptq for a merged model by rounding its zeros (lossy; prints the error).
+        overwrite: replace an existing output directory.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"--format {format!r} is unknown: use one of {EXPORT_FORMATS}")
+    if Path(output).exists() and not overwrite:
+        raise FileExistsError(f"output {output} already exists; choose another path or pass --overwrite")
+    module = module_from_checkpoint(checkpoint)
+    base = module.hparams.base
+    tokenizer = load_tokenizer(base)
+    batch = probe_batch(tokenizer, module.model.config.vocab_size)
+    figures = check_merge(module.model, {**batch, "labels": batch["input_ids"].masked_fill(
+        batch["attention_mask"] == 0, -100)})
+    print("merge check           " + ", ".join(f"{k}={v:.3g}" for k, v in figures.items()))
+    gguf_source = smollm2_gguf() if base == BUILTIN_SMOLLM2 else (Path(base) if base.endswith(".gguf") else None)
+    path = export_model(module.model, output, format, tokenizer, dtype=DTYPES[dtype], round_zeros=round_zeros,
+                        overwrite=overwrite, merge_figures=figures, gguf_metadata_from=gguf_source)
+    print(f"exported ({format})     {Path(path).resolve()}")
+    return path
+
+
 class LowBitCLI(LightningCLI):
     """LightningCLI for LowBitModule + InstructionDataModule; the tokenizer follows model.base."""
 
@@ -95,8 +154,8 @@ LIGHTNING_COMMANDS = {
     "test": "run the test loop on a checkpoint (--ckpt_path)",
     "predict": "run prediction on a checkpoint (--ckpt_path)",
 }
-PROJECT_COMMANDS = {"quantize": quantize}
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError)
+PROJECT_COMMANDS = {"quantize": quantize, "export": export}
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, MergeMismatchError)
 
 
 def overview() -> str:

@@ -18,6 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lowbit_ft.convert import set_submodule
 from lowbit_ft.gptq_format import GPTQ_KEYS, from_gptq, read_gptq_config
+from lowbit_ft.lowbit_format import QUANT_METHOD, install_quant_layers
+from lowbit_ft.quant_linear import QuantLinear
 
 BUILTIN_SMOLLM2 = "smollm2"
 log = logging.getLogger(__name__)
@@ -64,7 +66,11 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
             raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(old.shape)}: config.json and the weights disagree")
         module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
-    elif module is not None and attr in module._buffers:
+    elif module is not None and attr in module._buffers and module._buffers[attr] is not None:
+        old = module._buffers[attr]
+        if tuple(old.shape) != tuple(tensor.shape) or (isinstance(module, QuantLinear) and old.dtype != tensor.dtype):
+            raise ValueError(f"checkpoint tensor {key} is {tensor.dtype} {tuple(tensor.shape)}, the model expects "
+                             f"{old.dtype} {tuple(old.shape)}: config.json and the weights disagree")
         module._buffers[attr] = tensor
     else:
         raise ValueError(f"checkpoint tensor {key} has no place in the model: config.json and the weights disagree")
@@ -72,16 +78,19 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
 
 @torch.no_grad()
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float16, backend: str = "auto") -> nn.Module:
-    """A HF causal LM whose linears are `QuantLinear`, read from a GPTQ checkpoint directory.
+    """A HF causal LM whose linears are `QuantLinear`, read from a GPTQ or lowbit checkpoint directory.
 
-    v1 ("gptq") and v2 ("gptq_v2") zeros, bits 2/3/4/8, desc_act false. The model skeleton is built on
+    GPTQ: v1 ("gptq") and v2 ("gptq_v2") zeros, bits 2/3/4/8, desc_act false. lowbit: the project's
+    own format (any block layout, float zeros; see `lowbit_format`). The model skeleton is built on
     the meta device and each layer is filled straight from the packed tensors, so no fp16 copy of a
     quantized weight ever exists. Non-quantized tensors (embeddings, norms, lm_head) get `dtype`.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-    qc = read_gptq_config(path)
+    raw_qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    lowbit = raw_qc.get("quant_method") == QUANT_METHOD
+    qc = None if lowbit else read_gptq_config(path)
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we do the quantized loading; transformers must not
@@ -102,22 +111,28 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float16, 
             opened[file] = safe_open(file, framework="pt")
         return opened[file].get_tensor(key)
 
-    for name in tqdm(layers, desc=f"loading {path.name}", leave=False):
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"quantized layer {name} is not in the model described by config.json") from None
-        tensors = {k: read(f"{name}.{k}") for k in GPTQ_KEYS if f"{name}.{k}" in key_file}
-        set_submodule(model, name, from_gptq(tensors, name=name, backend=backend, **qc))
-    quantized = set(layers)
+    if lowbit:  # empty QuantLinear shells on meta; their buffers load below like any tensor
+        install_quant_layers(model, raw_qc, str(path), device="meta")
+        quantized = set(raw_qc["modules"])
+    else:
+        for name in tqdm(layers, desc=f"loading {path.name}", leave=False):
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"quantized layer {name} is not in the model described by config.json") from None
+            tensors = {k: read(f"{name}.{k}") for k in GPTQ_KEYS if f"{name}.{k}" in key_file}
+            set_submodule(model, name, from_gptq(tensors, name=name, backend=backend, **qc))
+        quantized = set(layers)
     for key in key_file:
-        if key.rsplit(".", 1)[0] in quantized:
+        owner = key.rsplit(".", 1)[0]
+        if owner in quantized and not lowbit:
             continue
         if key.endswith("rotary_emb.inv_freq"):  # older checkpoints store this derived buffer; it is rebuilt
             log.warning("ignoring %s from the checkpoint (recomputed from config)", key)
             continue
         tensor = read(key)
-        _assign(model, key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        stored_format = owner in quantized  # packed codes, scales, zeros keep their dtypes
+        _assign(model, key, tensor.to(dtype) if tensor.is_floating_point() and not stored_format else tensor)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

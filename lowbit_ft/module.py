@@ -67,6 +67,7 @@ class LowBitModule(L.LightningModule):
             raise ValueError(f"model.optimizer={optimizer!r} is unknown: use adamw, paged_adamw or adamw_8bit")
         self.save_hyperparameters()
         self.model: nn.Module | None = None
+        self._precision: LowBitPrecision | None = None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self.val_loss = torchmetrics.MeanMetric()
         self.val_accuracy = torchmetrics.MeanMetric()
@@ -107,14 +108,25 @@ class LowBitModule(L.LightningModule):
     # --- Lightning ---------------------------------------------------------------------------
     @property
     def lowbit_precision(self) -> LowBitPrecision | None:
+        if self._precision is not None:
+            return self._precision
         plugin = self._trainer.precision_plugin if self._trainer is not None else None
         return plugin if isinstance(plugin, LowBitPrecision) else None
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        self.build_model(self.lowbit_precision)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy):
+            # the packed base never changes: broadcasting its buffers every step would be pure waste
+            strategy._ddp_kwargs.setdefault("broadcast_buffers", False)
+
+    def build_model(self, plugin: LowBitPrecision | None) -> nn.Module:
+        """Load, quantize with `plugin` and attach adapters: what `configure_model` does under a Trainer,
+        callable without one (e.g. by `lowbit-ft export` with the plugin settings a checkpoint recorded)."""
+        self._precision = plugin
         model = self.load_base_model()
-        plugin = self.lowbit_precision
         # quantize before attaching: adapters wrap QuantLinear, and must exist before DDP wraps the
         # model and the optimizer is built (Lightning calls convert_module again later: a no-op)
         if plugin is not None:
@@ -125,10 +137,7 @@ class LowBitModule(L.LightningModule):
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self.configure_adapters(model.train())  # loaders return eval mode; Lightning toggles it
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, DDPStrategy):
-            # the packed base never changes: broadcasting its buffers every step would be pure waste
-            strategy._ddp_kwargs.setdefault("broadcast_buffers", False)
+        return self.model
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -198,6 +207,8 @@ class LowBitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.adapter_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if self.lowbit_precision is not None:
+            checkpoint["lowbit_precision"] = dict(self.lowbit_precision.init_args)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected, found = self.adapter_state_keys(), set(checkpoint.get("state_dict", {}))

@@ -43,6 +43,9 @@ class LowBitPrecision(Precision):
                  symmetric: bool = False, dtype: str = "bfloat16", targets: list[str] | None = None,
                  ignore_modules: list[str] | None = None) -> None:
         super().__init__()
+        # what a checkpoint records so `lowbit-ft export` can rebuild the same base
+        self.init_args = {"bits": bits, "group_size": group_size, "block_out": block_out, "method": method,
+                          "symmetric": symmetric, "dtype": dtype, "targets": targets, "ignore_modules": ignore_modules}
         if dtype not in DTYPES:
             raise ValueError(f"LowBitPrecision dtype={dtype!r} is unknown: use one of {sorted(DTYPES)}")
         self.layout = BlockLayout(bits=bits, block_out=block_out, block_in=group_size)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from lowbit_ft.kernels import pack_codes, unpack_codes, values_per_unit, words_per_unit
 
 

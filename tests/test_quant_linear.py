@@ -1,9 +1,9 @@
 import pytest
 import torch
-from lowbit_ft.kernels import quant_matmul, quant_matmul_t, reference
 from torch import nn
 
 from lowbit_ft import BlockLayout, QuantLinear
+from lowbit_ft.kernels import quant_matmul, quant_matmul_t, reference
 
 CASES = [(bits, block) for bits in (2, 3, 4, 8) for block in [(1, 32), (1, 64), (8, 4)]]
 

@@ -6,10 +6,10 @@ A new adapter is one module with an `Adapter` subclass plus one line in `REGISTR
 
 from lowbit_ft.adapters.base import AdaptedLinear, Adapter, merge_into
 from lowbit_ft.adapters.checkpoint import load_adapters, save_adapters
-from lowbit_ft.adapters.model import adapted_layers, attach, merge, merge_dense, num_trainable
+from lowbit_ft.adapters.model import adapted_layers, attach, merge, merge_dense, merged_view, num_trainable
 from lowbit_ft.adapters.registry import REGISTRY, get_adapter_class, register
 
 __all__ = [
     "REGISTRY", "AdaptedLinear", "Adapter", "adapted_layers", "attach", "get_adapter_class", "load_adapters",
-    "merge", "merge_dense", "merge_into", "num_trainable", "register", "save_adapters",
+    "merge", "merge_dense", "merge_into", "merged_view", "num_trainable", "register", "save_adapters",
 ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -96,3 +98,18 @@ def merge_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Mod
         dense.requires_grad_(False)
         set_submodule(model, layer_name, dense)
     return model
+
+
+@contextmanager
+def merged_view(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily merge every adapter into its layer's zeros (as `merge` does) and restore the
+    adapter-on model exactly afterwards: the zeros are copied back, nothing else is duplicated."""
+    layers = adapted_layers(model)
+    saved = {name: wrapped.base.zeros.clone() for name, wrapped in layers.items()}
+    merge(model)
+    try:
+        yield model
+    finally:
+        for name, wrapped in layers.items():
+            wrapped.base.zeros.copy_(saved[name])
+            set_submodule(model, name, wrapped)

@@ -1,0 +1,42 @@
+"""`QuantizedExport`: write the merged model at the end of `fit`, through the same `lowbit_ft.export`
+code path as `lowbit-ft export` (put it after `MergeCheck` so the card carries the check's figures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+from lowbit_ft.callbacks.merge_check import MergeCheck
+from lowbit_ft.export import FORMATS, export
+from lowbit_ft.loading import load_tokenizer
+from lowbit_ft.precision import DTYPES
+
+
+class QuantizedExport(L.Callback):
+    """Export the trained model at fit end.
+
+    Args:
+        output: directory to write (refused if it exists, unless overwrite).
+        format: lowbit | gptq | gguf | hf (see lowbit_ft.export).
+        dtype: storage dtype of the non-quantized tensors: float16, bfloat16 or float32.
+        overwrite: replace an existing output directory.
+    """
+
+    def __init__(self, output: str, format: str = "lowbit", dtype: str = "float16", overwrite: bool = False) -> None:
+        if format not in FORMATS:
+            raise ValueError(f"QuantizedExport format={format!r} is unknown: use one of {FORMATS}")
+        if dtype not in DTYPES:
+            raise ValueError(f"QuantizedExport dtype={dtype!r} is unknown: use one of {sorted(DTYPES)}")
+        self.output, self.format, self.dtype, self.overwrite = Path(output), format, DTYPES[dtype], overwrite
+        self.path: Path | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        figures = next((cb.results for cb in trainer.callbacks if isinstance(cb, MergeCheck) and cb.results), None)
+        base = getattr(pl_module.hparams, "base", None)
+        tokenizer = load_tokenizer(base) if base else None
+        self.path = export(pl_module.model, self.output, self.format, tokenizer, dtype=self.dtype,
+                           overwrite=self.overwrite, merge_figures=figures)
+        print(f"exported ({self.format})     {self.path.resolve()}")

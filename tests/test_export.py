@@ -1,0 +1,160 @@
+"""Export formats: lowbit (from_pretrained and load_quantized), gptq, gguf, hf; atomic writes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import lowbit_ft.lowbit_format
+from lowbit_ft import BlockLayout, load_quantized, quantize_model
+from lowbit_ft.adapters import REGISTRY, adapted_layers, attach
+from lowbit_ft.convert import quant_layers
+from lowbit_ft.export import _llama_cpp_rows, export
+
+from .conftest import make_tiny_llama
+
+LOW_BIT = sorted(n for n, c in REGISTRY.items() if c.merges_into_low_bit)
+
+
+def adapted(name="qa_lora", layout=None, tie=False):
+    model = make_tiny_llama(tie=tie)
+    layout = layout or (BlockLayout(4, 8, 4) if name == "qa_hira" else BlockLayout.group(4, 32))
+    quantize_model(model, layout, progress=False)
+    attach(model, name, r=4)
+    g = torch.Generator().manual_seed(0)
+    for layer in adapted_layers(model).values():
+        for p in layer.adapter.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("name", LOW_BIT)
+def test_lowbit_export_reloads_to_the_adapter_on_logits(name, tmp_path, tokens):
+    model = adapted(name)
+    adapter_on = logits(model, tokens)
+    path = export(model, tmp_path / "out", dtype=torch.float32)
+    assert adapted_layers(model), "export merged a view: the caller's model keeps its adapters"
+    assert torch.equal(logits(model, tokens), adapter_on)
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "lowbit" and len(qc["modules"]) == 14
+    assert "adapter merged" in (path / "README.md").read_text()
+    for loaded in (load_quantized(path, dtype=torch.float32),
+                   AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)):
+        assert len(quant_layers(loaded)) == 14
+        got = logits(loaded, tokens)
+        # merged float32 zeros vs adapter-on: 1e-5 relative, as in the adapter merge tests
+        assert (got - adapter_on).norm() / adapter_on.norm() < 1e-5
+        assert torch.equal(got.argmax(-1), adapter_on.argmax(-1))
+
+
+def test_lowbit_keeps_tied_embeddings_and_fractional_zeros(tmp_path, tokens):
+    model = adapted(tie=True)
+    path = export(model, tmp_path / "out", dtype=torch.float32)
+    loaded = load_quantized(path, dtype=torch.float32)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    zeros = next(iter(quant_layers(loaded).values())).zeros
+    assert zeros.dtype == torch.float32 and not torch.equal(zeros, zeros.round())
+
+
+def test_dense_only_adapters_refused_for_low_bit_formats(tmp_path):
+    with pytest.raises(ValueError, match=r"cannot merge into the low-bit zeros exactly; use --format hf"):
+        export(adapted("lora"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_hf_dense_export(name, tmp_path, tokens):
+    model = adapted(name)
+    adapter_on = logits(model, tokens)
+    path = export(model, tmp_path / "out", format="hf", dtype=torch.float32)
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert not quant_layers(dense) and "quantization_config" not in json.loads((path / "config.json").read_text())
+    assert (logits(dense, tokens) - adapter_on).norm() / adapter_on.norm() < 1e-5
+
+
+def test_gptq_export_of_an_unmerged_base_is_exact(tmp_path, tokens):
+    model = make_tiny_llama()
+    quantize_model(model, BlockLayout.group(4, 32), progress=False)
+    path = export(model, tmp_path / "gptq", format="gptq", dtype=torch.float32)
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq_v2"
+    assert torch.equal(logits(load_quantized(path, dtype=torch.float32), tokens), logits(model, tokens))
+
+
+def test_gptq_of_a_merged_model_needs_round_zeros(tmp_path, capsys, tokens):
+    model = adapted()
+    with pytest.raises(ValueError, match=r"zeros are fractional .* --round_zeros"):
+        export(model, tmp_path / "gptq", format="gptq")
+    assert not (tmp_path / "gptq").exists()
+    path = export(model, tmp_path / "gptq", format="gptq", round_zeros=True, dtype=torch.float32)
+    assert "round_zeros: max weight change" in capsys.readouterr().out
+    reloaded = quant_layers(load_quantized(path, dtype=torch.float32))
+    assert all(torch.equal(m.zeros, m.zeros.round()) for m in reloaded.values())
+    assert adapted_layers(model)  # the caller's model is untouched
+
+
+def test_gguf_q4_1_reads_back_to_the_same_weights(tmp_path):
+    import gguf
+
+    model = adapted(layout=BlockLayout.group(4, 32))
+    expected = {}
+    with lowbit_ft.adapters.merged_view(model):
+        for name, layer in quant_layers(model).items():
+            expected[name] = layer.dequantize(torch.float32), layer.scales.float(), layer.zeros.float()
+    path = export(model, tmp_path / "gguf", format="gguf")
+    reader = gguf.GGUFReader(path / "model-Q4_1.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    assert str(reader.fields["general.architecture"].contents()) == "llama"
+    config = model.config
+    for name, (weight, scales, zeros) in expected.items():
+        layer_index, kind = name.split(".")[2], name.rsplit(".", 1)[-1]
+        gguf_name = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[kind]
+        tensor = tensors[f"blk.{layer_index}.{gguf_name}.weight"]
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1
+        got = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type)))
+        heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(kind)
+        if heads:  # llama.cpp's rotary row order
+            rows = _llama_cpp_rows(heads, weight.shape[0])
+            weight, scales, zeros = weight[rows], scales[rows], zeros[rows]
+        # Q4_1 stores m = −s·z in float16: half an fp16 ulp of |m|. gguf's numpy dequantize also computes
+        # d·q + m in float16: half an ulp of |d·q| and of the result on top. (llama.cpp uses float32.)
+        m = (scales * zeros).abs().repeat_interleave(32, 1)
+        bound = 2 * (m + weight.abs()) * 2**-11 + 1e-6
+        assert ((got - weight).abs() <= bound).all(), name
+
+
+def test_gguf_needs_4_bit_g32(tmp_path):
+    with pytest.raises(ValueError, match=r"gguf Q4_1 needs a 4-bit base in \(1, 32\) groups"):
+        export(adapted("qa_hira"), tmp_path / "g", format="gguf")
+
+
+def test_interrupted_export_leaves_no_output(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. Ctrl-C halfway through writing the weights
+
+    monkeypatch.setattr(lowbit_ft.lowbit_format, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export(adapted(), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_refused_then_overwritten(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists; choose another path or pass --overwrite"):
+        export(adapted(), tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    export(adapted(), tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "config.json").exists() and not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_unknown_format_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"format='onnx' is unknown"):
+        export(adapted(), tmp_path / "out", format="onnx")

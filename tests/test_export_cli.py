@@ -1,0 +1,109 @@
+"""From `lowbit-ft fit` to a deployable model: MergeCheck + QuantizedExport in the run, `lowbit-ft export`
+from the checkpoint, and the GPTQ export loaded by transformers + gptqmodel."""
+
+import csv
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lowbit_ft import BlockLayout, load_quantized, quantize_model
+from lowbit_ft.cli import main, module_from_checkpoint
+from lowbit_ft.convert import quant_layers
+from lowbit_ft.export import export
+
+from .conftest import make_tiny_llama
+from .test_fit import fit_args
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One short fit with MergeCheck and QuantizedExport in the callbacks."""
+    root = tmp_path_factory.mktemp("fit")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        main(fit_args(tiny_model_dir, "--trainer.callbacks+=lowbit_ft.callbacks.MergeCheck",
+                      "--trainer.callbacks+=lowbit_ft.callbacks.QuantizedExport",
+                      "--trainer.callbacks.output", "out/merged", steps=4))
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def test_fit_runs_the_merge_check_and_exports(trained):
+    (metrics,) = trained.glob("out/quickstart/logs/version_*/metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("merge_check/layer/max_rel")]
+    assert rows and float(rows[-1]["merge_check/layer/max_rel"]) < 1e-4
+    assert float(rows[-1]["merge_check/merged/top1_agreement"]) == 1.0
+    card = (trained / "out/merged/README.md").read_text()
+    assert "adapter merged: qa_lora" in card and "merged/top1_agreement: 1" in card
+    assert len(quant_layers(load_quantized(trained / "out/merged"))) == 14
+
+
+def test_export_command_matches_the_adapter_on_model(trained, tmp_path, capsys):
+    ckpt = trained / "out/quickstart/checkpoints/last.ckpt"
+    out = tmp_path / "exported"
+    main(["export", "--checkpoint", str(ckpt), "--output", str(out), "--dtype", "float32"])
+    text = capsys.readouterr().out
+    assert "merge check           layer/max_abs=" in text and f"exported (lowbit)     {out.resolve()}" in text
+    module = module_from_checkpoint(ckpt)
+    tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapter_on = module.model(tokens).logits
+        merged = load_quantized(out, dtype=torch.float32)(tokens).logits
+    assert (merged - adapter_on).norm() / adapter_on.norm() < 1e-5
+    assert torch.equal(merged.argmax(-1), adapter_on.argmax(-1))
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "not a readable checkpoint"),
+    (None, "file not found"),
+])
+def test_export_command_refuses_bad_checkpoints(tmp_path, capsys, content, message):
+    ckpt = tmp_path / "x.ckpt"
+    if content is not None:
+        ckpt.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "o")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_command_refuses_a_foreign_checkpoint(tmp_path, capsys):
+    torch.save({"state_dict": {}}, tmp_path / "x.ckpt")
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(tmp_path / "x.ckpt"), "--output", str(tmp_path / "o")])
+    assert "not a lowbit-ft training checkpoint" in capsys.readouterr().err
+
+
+GPTQMODEL_LOAD = textwrap.dedent("""
+    import sys, torch
+    from transformers import AutoModelForCausalLM, GPTQConfig
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=GPTQConfig(bits=int(sys.argv[2]),
+        backend="torch"), device_map="cpu", dtype=torch.float16)
+    layer = model.model.layers[0].mlp.down_proj
+    print(type(layer).__module__)
+    torch.save({"weight": layer.dequantize_weight().float()}, sys.argv[3])
+""")
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gptq_export_loads_in_transformers_with_gptqmodel(tmp_path, bits):
+    """The unmerged base as gptq_v2, read by GPTQModel's torch kernel: the same dequantized weights."""
+    model = make_tiny_llama()
+    quantize_model(model, BlockLayout.group(bits, 32), progress=False)
+    export(model, tmp_path / "gptq", format="gptq")
+    done = subprocess.run([sys.executable, "-c", GPTQMODEL_LOAD, str(tmp_path / "gptq"), str(bits),
+                           str(tmp_path / "w.pt")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "gptqmodel" in done.stdout
+    theirs = torch.load(tmp_path / "w.pt", weights_only=True)["weight"]
+    ours = quant_layers(model)["model.layers.0.mlp.down_proj"].dequantize(torch.float32)
+    theirs = theirs if theirs.shape == ours.shape else theirs.t()
+    # GPTQModel dequantizes in float16: s·(q − z) rounded once, half an fp16 ulp of the weight
+    assert ((theirs - ours).abs() <= ours.abs() * 2**-11 + 1e-7).all()
