@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 
 from lowbit_ft.callbacks.merge_check import MergeCheck
-from lowbit_ft.export import FORMATS, export
+from lowbit_ft.exporters import FORMATS, export
 from lowbit_ft.loading import load_tokenizer
 from lowbit_ft.precision import DTYPES
 
@@ -18,7 +18,7 @@ class QuantizedExport(L.Callback):
 
     Args:
         output: directory to write (refused if it exists, unless overwrite).
-        format: lowbit | gptq | gguf | hf (see lowbit_ft.export).
+        format: lowbit | gptq | gguf | hf (see lowbit_ft.exporters).
         dtype: storage dtype of the non-quantized tensors: float16, bfloat16 or float32.
         overwrite: replace an existing output directory.
     """

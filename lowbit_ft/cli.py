@@ -14,8 +14,8 @@ from lightning.pytorch.cli import LightningCLI
 from lowbit_ft.adapters import save_adapters
 from lowbit_ft.callbacks.merge_check import MergeMismatchError, check_merge
 from lowbit_ft.data import InstructionDataModule
-from lowbit_ft.export import FORMATS as EXPORT_FORMATS
-from lowbit_ft.export import export as export_model
+from lowbit_ft.exporters import FORMATS as EXPORT_FORMATS
+from lowbit_ft.exporters import export as export_model
 from lowbit_ft.gptq_format import save_gptq
 from lowbit_ft.layout import BlockLayout
 from lowbit_ft.loading import BUILTIN_SMOLLM2, load_model, load_quantized, load_tokenizer, smollm2_gguf

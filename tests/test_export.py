@@ -11,7 +11,7 @@ import lowbit_ft.lowbit_format
 from lowbit_ft import BlockLayout, load_quantized, quantize_model
 from lowbit_ft.adapters import REGISTRY, adapted_layers, attach
 from lowbit_ft.convert import quant_layers
-from lowbit_ft.export import _llama_cpp_rows, export
+from lowbit_ft.exporters import _llama_cpp_rows, export
 
 from .conftest import make_tiny_llama
 
@@ -153,6 +153,14 @@ def test_existing_output_refused_then_overwritten(tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     export(adapted(), tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "config.json").exists() and not (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_python_entry_point(tmp_path, tokens):
+    import lowbit_ft
+
+    model = adapted()
+    path = lowbit_ft.export(model, tmp_path / "out", format="lowbit", dtype=torch.float32)
+    assert (path / "config.json").exists()
 
 
 def test_unknown_format_refused(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from lowbit_ft import BlockLayout, load_quantized, quantize_model
 from lowbit_ft.cli import main, module_from_checkpoint
 from lowbit_ft.convert import quant_layers
-from lowbit_ft.export import export
+from lowbit_ft.exporters import export
 
 from .conftest import make_tiny_llama
 from .test_fit import fit_args
