@@ -2,11 +2,14 @@
 
 `quant_matmul(x, w)` = x · dequant(W)ᵀ (differentiable w.r.t. x only) and `quant_matmul_t(g, w)` =
 g · dequant(W). `w` is any `PackedWeight` (e.g. a `lowbit_ft.QuantLinear`). Backends: "torch"
-(the reference in `reference.py`, any device) and "triton" (CUDA; lands with the Triton issue);
-"auto" picks the best available for the tensor's device.
+(the reference in `reference.py`, any device) and "triton" (`triton_qmatmul.py`: CUDA tensors, or CPU
+tensors under TRITON_INTERPRET=1). "auto" sends CUDA tensors to Triton and everything else to the
+reference; LOWBIT_FT_KERNEL=torch forces the reference everywhere (for debugging).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -29,12 +32,48 @@ __all__ = [
 ]
 
 
+def _triton_usable(x: torch.Tensor) -> bool:
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _resolve(backend: str, x: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown: use one of {BACKENDS}")
-    if backend == "triton":
-        raise NotImplementedError("backend='triton': the Triton kernels are not in this build; use 'torch'")
-    return "torch"  # 'auto': the reference serves every device until the Triton kernels land
+    if backend == "auto":
+        forced = os.environ.get("LOWBIT_FT_KERNEL", "")
+        if forced not in ("", "torch", "triton"):
+            raise ValueError(f"LOWBIT_FT_KERNEL={forced!r} is unknown: use 'torch' or 'triton' (or unset it)")
+        backend = forced or ("triton" if x.is_cuda and _triton_usable(x) else "torch")
+    if backend == "triton" and not _triton_usable(x):
+        raise ValueError("backend='triton' needs CUDA tensors and the triton package (or TRITON_INTERPRET=1 on CPU); "
+                         "use backend='torch'")
+    return backend
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _matmul(x: torch.Tensor, w: PackedWeight, backend: str) -> torch.Tensor:
+    if backend == "torch":
+        return reference.matmul(x, w)
+    from lowbit_ft.kernels import triton_qmatmul
+
+    return triton_qmatmul.qmatmul(_flat(x), w).reshape(*x.shape[:-1], w.qweight.shape[0])
+
+
+def _matmul_t(g: torch.Tensor, w: PackedWeight, backend: str) -> torch.Tensor:
+    if backend == "torch":
+        return reference.matmul_t(g, w)
+    from lowbit_ft.kernels import triton_qmatmul
+
+    return triton_qmatmul.qmatmul_t(_flat(g), w).reshape(*g.shape[:-1], -1)
 
 
 class _QuantMatmul(torch.autograd.Function):
@@ -44,7 +83,7 @@ class _QuantMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: PackedWeight, backend: str) -> torch.Tensor:
         ctx.w, ctx.backend = w, backend
-        return reference.matmul(x, w)
+        return _matmul(x, w, backend)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
@@ -54,14 +93,12 @@ class _QuantMatmul(torch.autograd.Function):
 
 def quant_matmul(x: torch.Tensor, w: PackedWeight, backend: str = "auto") -> torch.Tensor:
     """x (..., in) · dequant(W)ᵀ → (..., out); gradients flow to x only."""
-    _resolve(backend, x)
-    return _QuantMatmul.apply(x, w, backend)
+    return _QuantMatmul.apply(x, w, _resolve(backend, x))
 
 
 def quant_matmul_t(g: torch.Tensor, w: PackedWeight, backend: str = "auto") -> torch.Tensor:
     """g (..., out) · dequant(W) → (..., in): the input gradient of `quant_matmul`."""
-    _resolve(backend, g)
-    return reference.matmul_t(g, w)
+    return _matmul_t(g, w, _resolve(backend, g))
 
 
 def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -135,7 +135,10 @@ class LowBitModule(L.LightningModule):
             raise ValueError("trainer.plugins: add a lowbit_ft.LowBitPrecision plugin (bits, group_size) to "
                              "quantize the base, or set model.base to a GPTQ checkpoint")
         if self.hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5 name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = self.configure_adapters(model.train())  # loaders return eval mode; Lightning toggles it
         return self.model
 

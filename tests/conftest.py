@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through the interpreter. Triton reads this when it is first imported
+    # (transformers' optional integrations import it early), so it is set before anything else loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
 def make_tiny_llama(seed: int = 0, hidden: int = 64, intermediate: int = 128, layers: int = 2,

@@ -1,0 +1,92 @@
+"""The Triton kernels against the torch reference: every kernel × bits × layout × dtype, odd M, N not a
+power of two. On a CPU-only machine they run under TRITON_INTERPRET=1 (shapes ≤ 256); on a GPU for real."""
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit_ft import BlockLayout, QuantLinear
+from lowbit_ft.kernels import quant_matmul, quant_matmul_t, reference
+from lowbit_ft.kernels import triton_qmatmul as tq  # conftest.py sets TRITON_INTERPRET=1 without a GPU
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LAYOUTS = [(1, 32), (1, 64), (1, 128), (8, 4)]
+# relative to max |reference|: fp32 sums 256 products exactly-ish; fp16/bf16 round the inputs and tiles
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def layer(bits, block, out_f=72, in_f=256, seed=0):
+    torch.manual_seed(seed)
+    q = QuantLinear.from_linear(nn.Linear(in_f, out_f, bias=False), BlockLayout(bits, *block))
+    q.zeros += torch.rand_like(q.zeros)  # fractional zeros, as after an adapter merge
+    return q.to(DEVICE)
+
+
+def close(got, want, dtype):
+    scale = want.abs().max().item()
+    return (got.float() - want).abs().max().item() <= TOLERANCE[dtype] * scale
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("block", LAYOUTS)
+@pytest.mark.parametrize("M", [1, 5, 33])  # 1 and 5: the GEMV (decode) kernel; 33: the GEMM kernel
+def test_forward_kernels_match_the_reference(bits, block, M):
+    q = layer(bits, block)
+    x = torch.randn(M, 256, device=DEVICE)
+    assert close(tq.qmatmul(x, q), reference.matmul(x, q), torch.float32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("block", LAYOUTS)
+def test_grad_input_kernel_matches_the_reference(bits, block):
+    q = layer(bits, block)
+    g = torch.randn(19, 72, device=DEVICE)
+    assert close(tq.qmatmul_t(g, q), reference.matmul_t(g, q), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [3, 40])
+def test_half_precision_inputs(dtype, M):
+    q = layer(4, (1, 32))
+    x = torch.randn(M, 256, device=DEVICE)
+    y = tq.qmatmul(x.to(dtype), q)
+    assert y.dtype == dtype and close(y, reference.matmul(x.to(dtype).float(), q), dtype)
+    g = torch.randn(M, 72, device=DEVICE)
+    out = tq.qmatmul_t(g.to(dtype), q)
+    assert out.dtype == dtype and close(out, reference.matmul_t(g.to(dtype).float(), q), dtype)
+
+
+def test_quant_linear_forward_and_backward_through_triton():
+    q = layer(3, (1, 32))
+    q.backend = "triton"
+    x = torch.randn(2, 9, 256, device=DEVICE, requires_grad=True)
+    y = q(x)
+    y.square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = x_ref @ q.dequantize().t()
+    y_ref.square().sum().backward()
+    assert close(y, y_ref.detach(), torch.float32) and close(x.grad, x_ref.grad, torch.float32)
+
+
+def test_dispatch(monkeypatch):
+    q = layer(4, (1, 32))
+    x = torch.randn(4, 256, device=DEVICE)
+    calls = []
+    monkeypatch.setattr(tq, "qmatmul", lambda *a: calls.append("triton") or reference.matmul(*a))
+    quant_matmul(x, q)
+    assert calls == (["triton"] if DEVICE == "cuda" else [])  # auto: CUDA → Triton, CPU → reference
+    quant_matmul(x, q, backend="triton")
+    assert calls[-1] == "triton"
+    monkeypatch.setenv("LOWBIT_FT_KERNEL", "torch")  # the debugging switch forces the reference
+    n = len(calls)
+    quant_matmul(x, q)
+    assert len(calls) == n
+    monkeypatch.setenv("LOWBIT_FT_KERNEL", "cuda")
+    with pytest.raises(ValueError, match="LOWBIT_FT_KERNEL='cuda' is unknown"):
+        quant_matmul(x, q)
+
+
+def test_triton_backend_refused_where_it_cannot_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: no Triton
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        quant_matmul_t(torch.randn(2, 72), layer(4, (1, 32)).cpu(), backend="triton")
