@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lowbit_ft.adapters import save_adapters
 from lowbit_ft.callbacks.merge_check import MergeMismatchError, check_merge
-from lowbit_ft.data import InstructionDataModule
+from lowbit_ft.data import InstructionDataModule, read_records
 from lowbit_ft.exporters import FORMATS as EXPORT_FORMATS
 from lowbit_ft.exporters import export as export_model
 from lowbit_ft.gptq_format import save_gptq
@@ -21,7 +21,7 @@ from lowbit_ft.layout import BlockLayout
 from lowbit_ft.loading import BUILTIN_SMOLLM2, load_model, load_quantized, load_tokenizer, smollm2_gguf
 from lowbit_ft.module import LowBitModule, NonFiniteLossError
 from lowbit_ft.precision import DTYPES, LowBitPrecision
-from lowbit_ft.quantizer import get_quantizer
+from lowbit_ft.quantizer import check_method
 from lowbit_ft.report import QuantReport, logits_of, probe_batch, quantize_and_report
 
 
@@ -33,6 +33,9 @@ def quantize(
     method: str = "rtn",
     symmetric: bool = False,
     skip_indivisible: bool = False,
+    calibration_data: str = "builtin:demo",
+    calibration_samples: int = 64,
+    calibration_length: int = 256,
     output: Path | None = None,
     checkpoint_format: str = "gptq_v2",
     overwrite: bool = False,
@@ -48,21 +51,27 @@ def quantize(
         bits: code width: 2, 3, 4 or 8.
         group_size: input columns per quantization block (the GPTQ group size g).
         block_out: output rows per block: 1 for GPTQ groups, 8 for QA-HiRA's (8, 4) blocks.
-        method: quantizer: 'rtn' (min-max round-to-nearest).
+        method: quantizer: 'rtn' (min-max round-to-nearest) or 'gptq' (second-order, needs calibration text).
         symmetric: symmetric quantization (zero fixed at 2^(bits-1)) instead of min-max asymmetric.
         skip_indivisible: leave linears whose in_features the group size does not divide in 16 bit
             (reported) instead of stopping with an error.
+        calibration_data: for gptq: an Alpaca .json/.jsonl file or 'builtin:demo' (its text is the calibration set).
+        calibration_samples: for gptq: number of calibration sequences.
+        calibration_length: for gptq: tokens per calibration sequence (records are concatenated and cut).
         output: directory to write the quantized model to (GPTQ format; needs block_out=1).
         checkpoint_format: 'gptq_v2' (stores z; right for asymmetric weights) or 'gptq' (v1, stores z-1).
         overwrite: replace an existing --output directory.
     """
     layout = BlockLayout(bits=bits, block_out=block_out, block_in=group_size)
-    get_quantizer(method)  # fail on a typo before the model loads
+    check_method(method)  # fail on a typo before the model loads
     if output is not None and Path(output).exists() and not overwrite:
         raise FileExistsError(f"output {output} already exists; choose another path or pass --overwrite")
     float_model, tokenizer = load_model(model)
     batch = probe_batch(tokenizer, float_model.config.vocab_size)
-    report = quantize_and_report(float_model, batch, layout, method, symmetric, skip_indivisible)
+    calibration = None
+    if method == "gptq":
+        calibration = calibration_ids(tokenizer, calibration_data, calibration_samples, calibration_length)
+    report = quantize_and_report(float_model, batch, layout, method, symmetric, skip_indivisible, calibration)
     print(f"model                 {model}")
     print("\n".join(report.lines()))
     if output is not None:
@@ -72,6 +81,19 @@ def quantize(
         print(f"reloaded max |Δlogit| {float((after - before).abs().max()):.3g}  (written and read back)")
         print(f"saved to              {Path(output).resolve()}")
     return report
+
+
+def calibration_ids(tokenizer, path: str, samples: int, length: int) -> torch.Tensor:
+    """GPTQ calibration token ids (samples × length) from instruction records, concatenated and cut."""
+    if tokenizer is None:
+        raise ValueError("method='gptq' needs a tokenizer for its calibration text; use a model directory with one")
+    records = read_records(path)
+    text = "\n\n".join(f"{r['instruction']}\n{r.get('input') or ''}\n{r['output']}" for r in records)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < samples * length:
+        raise ValueError(f"calibration_data={path!r} holds {len(ids)} tokens, fewer than calibration_samples × "
+                         f"calibration_length = {samples * length}; lower them or give more text")
+    return torch.tensor(ids[: samples * length]).reshape(samples, length)
 
 
 def module_from_checkpoint(checkpoint: Path) -> LowBitModule:

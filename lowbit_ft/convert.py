@@ -49,6 +49,7 @@ def quantize_model(
     targets: tuple[str, ...] | list[str] | None = None,
     *,
     exclude: tuple[str, ...] | list[str] = (),
+    calibration: torch.Tensor | None = None,
     symmetric: bool = False,
     scale_dtype: torch.dtype = torch.float16,
     zero_dtype: torch.dtype = torch.float32,
@@ -61,8 +62,18 @@ def quantize_model(
     input model's size. Every layer's shape is checked against `layout` before anything changes:
     a layer the layout does not fit is an error, or with `skip_indivisible=True` stays in 16 bit
     (logged; e.g. SmolLM2's 576-wide inputs with g = 128). `exclude` lists module-name prefixes to
-    leave alone (e.g. "model.layers.0."). Returns the same model.
+    leave alone (e.g. "model.layers.0."). `method="gptq"` needs `calibration` token ids (batch × seq)
+    and quantizes block by block on them (see `lowbit_ft.gptq`). Returns the same model.
     """
+    if method == "gptq":
+        if calibration is None:
+            raise ValueError("method='gptq' needs calibration token ids: quantize_model(..., calibration=ids)")
+        if exclude or skip_indivisible:
+            raise ValueError("method='gptq' quantizes every target: exclude / skip_indivisible are for 'rtn'")
+        from lowbit_ft.gptq import gptq_quantize_model  # gptq builds on this module
+
+        return gptq_quantize_model(model, layout, calibration, targets, symmetric=symmetric,
+                                   scale_dtype=scale_dtype, zero_dtype=zero_dtype, progress=progress)
     names, skipped = [], []
     candidates = target_linears(model, targets, exclude)
     if not candidates:

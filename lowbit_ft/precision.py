@@ -49,7 +49,7 @@ class LowBitPrecision(Precision):
         if dtype not in DTYPES:
             raise ValueError(f"LowBitPrecision dtype={dtype!r} is unknown: use one of {sorted(DTYPES)}")
         self.layout = BlockLayout(bits=bits, block_out=block_out, block_in=group_size)
-        get_quantizer(method)
+        get_quantizer(method)  # per-weight quantizers only: GPTQ needs calibration (quantize first, load that)
         self.method, self.symmetric, self.dtype = method, symmetric, DTYPES[dtype]
         self.targets = tuple(targets or DEFAULT_TARGETS)
         self.ignore_modules = tuple(ignore_modules or ())

@@ -2,7 +2,7 @@
 
 A quantizer is a function `(weight, layout, *, symmetric, scale_dtype) -> QuantizedWeight`
 registered in `QUANTIZERS`; `quantize_model(method=...)` looks it up by name. Min-max RTN is here;
-GPTQ (second-order, needs calibration activations) joins the registry with the evaluation work.
+GPTQ needs calibration activations block by block, so it works model-wide (`lowbit_ft.gptq`).
 """
 
 from __future__ import annotations
@@ -89,3 +89,14 @@ def get_quantizer(method: str) -> Quantizer:
         return QUANTIZERS[method]
     except KeyError:
         raise ValueError(f"method={method!r} is not a known quantizer: use one of {sorted(QUANTIZERS)}") from None
+
+
+#: quantizers that need calibration activations and work model-wide (`quantize_model(..., calibration=ids)`)
+MODEL_LEVEL_METHODS = ("gptq",)
+
+
+def check_method(method: str) -> None:
+    """Refuse an unknown quantization method early, naming the known ones."""
+    if method not in QUANTIZERS and method not in MODEL_LEVEL_METHODS:
+        known = sorted(QUANTIZERS) + list(MODEL_LEVEL_METHODS)
+        raise ValueError(f"method={method!r} is not a known quantizer: use one of {known}")

@@ -73,11 +73,13 @@ def quantize_and_report(
     method: str = "rtn",
     symmetric: bool = False,
     skip_indivisible: bool = False,
+    calibration: torch.Tensor | None = None,
 ) -> QuantReport:
     """Quantize `model` in place and measure it against its own logits from before."""
     reference = logits_of(model, batch)
     targets = len(target_linears(model))
-    quantize_model(model, layout, method, symmetric=symmetric, skip_indivisible=skip_indivisible)
+    quantize_model(model, layout, method, symmetric=symmetric, skip_indivisible=skip_indivisible,
+                   calibration=calibration)
     layers = quant_layers(model)
     params = sum(m.in_features * m.out_features for m in layers.values())
     logits = logits_of(model, batch)

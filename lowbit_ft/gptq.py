@@ -1,0 +1,132 @@
+"""GPTQ (Frantar et al., 2023): second-order quantization with calibration data, act-order off, so the
+blocks stay contiguous and every adapter merge rule still applies.
+
+For each decoder block, in order, the inputs its linears see (from the already-quantized blocks before
+it) give H = 2·XᵀX per linear; columns are then quantized left to right, each rounding error spread
+over the not-yet-quantized columns through the inverse Hessian's Cholesky factor. Block scales and
+zeros are fixed, min-max, on the error-updated weights when the quantizer reaches a block's first
+column (GPTQ's "groups", generalised to (block_out, block_in) blocks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit_ft.convert import set_submodule, target_linears
+from lowbit_ft.layout import BlockLayout
+from lowbit_ft.quant_linear import QuantLinear
+from lowbit_ft.quantizer import QuantizedWeight, rtn
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: BlockLayout, *, symmetric: bool = False,
+                  scale_dtype: torch.dtype = torch.float16, damp: float = 0.01, block: int = 128) -> QuantizedWeight:
+    """Quantize one weight (out × in) given its input Hessian (in × in)."""
+    # float32, as the reference implementation: float64 would be several times slower on CPUs
+    w = weight.detach().to(torch.float32).clone()
+    out_f, in_f = w.shape
+    h = hessian.to(torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f, dtype=h.dtype, device=h.device)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    bo, bi = layout.block_out, layout.block_in
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(out_f // bo, in_f // bi, dtype=scale_dtype, device=w.device)
+    zeros = torch.empty(out_f // bo, in_f // bi, dtype=torch.float32, device=w.device)
+    block = max(bi, block // bi * bi)  # lazy-batch width, whole quantization blocks
+    for start in range(0, in_f, block):
+        stop = min(start + block, in_f)
+        w1, err1, h1 = w[:, start:stop].clone(), torch.zeros_like(w[:, start:stop]), h_inv[start:stop, start:stop]
+        for i in range(stop - start):
+            col = start + i
+            if col % bi == 0:  # a new block column: fix its scales and zeros on the updated weights
+                q_block = rtn(w1[:, i:i + bi], BlockLayout(layout.bits, bo, bi), symmetric=symmetric,
+                              scale_dtype=scale_dtype)
+                scales[:, col // bi], zeros[:, col // bi] = q_block.scales[:, 0], q_block.zeros[:, 0]
+            s = scales[:, col // bi].float().repeat_interleave(bo)
+            z = zeros[:, col // bi].repeat_interleave(bo)
+            q = torch.clamp(torch.round(w1[:, i] / s + z), 0, layout.maxq)
+            codes[:, col] = q.to(torch.uint8)
+            error = (w1[:, i] - s * (q - z)) / h1[i, i]
+            w1[:, i:] -= error[:, None] * h1[i, i:][None, :]
+            err1[:, i] = error
+        w[:, stop:] -= err1 @ h_inv[start:stop, stop:]
+    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Hessian:
+    """Forward hook keeping H = 2·XᵀX / n over every input row the linear has seen. Linears fed the same
+    tensor (q/k/v, gate/up) share one XᵀX through `shared`: it is the costly part."""
+
+    def __init__(self, dim: int, shared: dict) -> None:
+        self.h, self.n, self.shared = torch.zeros(dim, dim), 0, shared
+
+    def __call__(self, _module, args, _output) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1])
+        key = (args[0].data_ptr(), tuple(args[0].shape))
+        if key not in self.shared:
+            self.shared.clear()  # only the latest input can be shared
+            xf = x.float()
+            self.shared[key] = xf.t() @ xf
+        total = self.n + x.shape[0]
+        self.h.mul_(self.n / total).add_(self.shared[key], alpha=2 / total)
+        self.n = total
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: nn.Module, layout: BlockLayout, calibration: torch.Tensor, targets=None, *,
+                        symmetric: bool = False, scale_dtype: torch.dtype = torch.float16,
+                        zero_dtype: torch.dtype = torch.float32, damp: float = 0.01,
+                        progress: bool = True) -> nn.Module:
+    """Quantize a HF LLaMA-family model in place with GPTQ, block by block, on `calibration` token ids
+    (batch × seq). Later blocks are calibrated on the outputs of the already-quantized earlier ones."""
+    blocks = model.model.layers
+    captured: dict = {}
+
+    def grab(_module, args, kwargs):
+        captured["hidden"], captured["kwargs"] = args[0] if args else kwargs.pop("hidden_states"), kwargs
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(input_ids=calibration, use_cache=False)  # a KV cache would grow with every block re-run below
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    hidden, kwargs = captured["hidden"], captured["kwargs"]
+    names = target_linears(model, targets)
+    for name in names:  # every shape first: a misfit must not leave the model half quantized
+        linear = model.get_submodule(name)
+        layout.check(linear.out_features, linear.in_features, name=name)
+    for index, decoder in enumerate(tqdm(blocks, desc=f"GPTQ {layout}", disable=not progress, leave=False)):
+        prefix = f"model.layers.{index}."
+        linears = {n: model.get_submodule(n) for n in names if n.startswith(prefix)}
+        shared: dict = {}
+        hessians = {n: _Hessian(m.in_features, shared) for n, m in linears.items()}
+        handles = [m.register_forward_hook(hessians[n]) for n, m in linears.items()]
+        try:
+            decoder(hidden, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, linear in linears.items():
+            quantized = gptq_quantize(linear.weight, hessians[name].h, layout, symmetric=symmetric,
+                                      scale_dtype=scale_dtype, damp=damp)
+            set_submodule(model, name, QuantLinear.from_quantized(quantized, layout, linear.bias,
+                                                                  zero_dtype=zero_dtype))
+        output = decoder(hidden, **kwargs)
+        hidden = output[0] if isinstance(output, tuple) else output
+    if not math.isfinite(float(hidden.float().abs().max())):
+        raise ValueError("GPTQ produced non-finite activations; raise damp or check the calibration data")
+    return model
