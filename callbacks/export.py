@@ -9,7 +9,7 @@ import lightning as L
 
 from lowbit_ft.callbacks.merge_check import MergeCheck
 from lowbit_ft.exporters import FORMATS, export
-from lowbit_ft.loading import load_tokenizer
+from lowbit_ft.loading import gguf_source, load_tokenizer
 from lowbit_ft.precision import DTYPES
 
 
@@ -38,5 +38,6 @@ class QuantizedExport(L.Callback):
         base = getattr(pl_module.hparams, "base", None)
         tokenizer = load_tokenizer(base) if base else None
         self.path = export(pl_module.model, self.output, self.format, tokenizer, dtype=self.dtype,
-                           overwrite=self.overwrite, merge_figures=figures)
+                           overwrite=self.overwrite, merge_figures=figures,
+                           gguf_metadata_from=gguf_source(base) if base else None)
         print(f"exported ({self.format})     {self.path.resolve()}")

@@ -61,6 +61,21 @@ def _restore(model: nn.Module, layers: dict[str, AdaptedLinear]) -> None:
         set_submodule(model, name, wrapped)
 
 
+def _layer_error(wrapped: AdaptedLinear, x: torch.Tensor, worst_abs: float, worst_rel: float
+                 ) -> tuple[float, float]:
+    """Merged layer vs base + adapter on input x (float32); returns the running worst abs / rel error."""
+    reference = wrapped.base(x) + wrapped.adapter(x)
+    if aligned(wrapped.adapter.tile, wrapped.base.layout):
+        saved = wrapped.base.zeros.clone()
+        merge_into(wrapped.base, wrapped.adapter, wrapped.adapter_name)
+        merged = wrapped.base(x)
+        wrapped.base.zeros.copy_(saved)
+    else:
+        merged = _DenseMerged(wrapped, requantize=False)(x)
+    diff = (merged - reference).abs().max().item()
+    return max(worst_abs, diff), max(worst_rel, diff / max(reference.abs().max().item(), 1e-12))
+
+
 @torch.no_grad()
 def layer_errors(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """Max abs / rel error of every merged layer vs base + adapter on the inputs the batch produces."""
@@ -70,17 +85,8 @@ def layer_errors(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, 
     def check(wrapped: AdaptedLinear, inputs, _output) -> None:
         nonlocal worst_abs, worst_rel
         x = inputs[0].float()
-        reference = wrapped.base(x) + wrapped.adapter(x)
-        if aligned(wrapped.adapter.tile, wrapped.base.layout):
-            saved = wrapped.base.zeros.clone()
-            merge_into(wrapped.base, wrapped.adapter, wrapped.adapter_name)
-            merged = wrapped.base(x)
-            wrapped.base.zeros.copy_(saved)
-        else:
-            merged = _DenseMerged(wrapped, requantize=False)(x)
-        diff = (merged - reference).abs().max().item()
-        worst_abs = max(worst_abs, diff)
-        worst_rel = max(worst_rel, diff / max(reference.abs().max().item(), 1e-12))
+        with torch.autocast(x.device.type, enabled=False):  # float32 whatever the training dtype
+            worst_abs, worst_rel = _layer_error(wrapped, x, worst_abs, worst_rel)
 
     for wrapped in adapted_layers(model).values():
         hooks.append(wrapped.register_forward_hook(check))

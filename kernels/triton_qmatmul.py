@@ -48,7 +48,7 @@ def _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, rk, N, K, words_per_row, blocks_per_
 
 
 @triton.jit
-def _qmatmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_ym, words_per_row,
+def _qmatmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, stride_xm, stride_ym, words_per_row,
                     blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, F32_DOT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -68,7 +68,7 @@ def _qmatmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stri
 
 
 @triton.jit
-def _qmatmul_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_gm, stride_om, words_per_row,
+def _qmatmul_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, M_BUCKET, N, K, stride_gm, stride_om, words_per_row,
                       blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, F32_DOT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -88,7 +88,7 @@ def _qmatmul_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_gm, 
 
 
 @triton.jit
-def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_ym, words_per_row,
+def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, stride_xm, stride_ym, words_per_row,
                   blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.arange(0, BLOCK_M)
@@ -112,7 +112,8 @@ _GEMM = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 _GEMM_CONFIGS = _configs(_GEMM, [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
                                  (32, 64, 64, 4, 4), (16, 128, 64, 4, 4)])
 _GEMV_CONFIGS = _configs(("BLOCK_N", "BLOCK_K"), [(32, 128, 4, 3), (64, 64, 4, 3), (16, 256, 4, 2), (128, 32, 4, 3)])
-_KEY = ["M", "N", "K", "BITS", "BO", "BI"]
+# M is bucketed (next power of two): training's variable sequence lengths must not re-tune every batch
+_KEY = ["M_BUCKET", "N", "K", "BITS", "BO", "BI"]
 
 if INTERPRET:  # the interpreter would "benchmark" every config: run one small one instead
     _qmatmul = _qmatmul_kernel
@@ -121,8 +122,8 @@ if INTERPRET:  # the interpreter would "benchmark" every config: run one small o
     _FIXED_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
     _FIXED_GEMV = {"BLOCK_N": 32, "BLOCK_K": 32}
 else:
-    _qmatmul = triton.autotune(_GEMM_CONFIGS, key=_KEY)(_qmatmul_kernel)
-    _qmatmul_t = triton.autotune(_GEMM_CONFIGS, key=_KEY)(_qmatmul_t_kernel)
+    _qmatmul = triton.autotune(_GEMM_CONFIGS, key=[*_KEY, "F32_DOT"])(_qmatmul_kernel)
+    _qmatmul_t = triton.autotune(_GEMM_CONFIGS, key=[*_KEY, "F32_DOT"])(_qmatmul_t_kernel)
     _qgemv = triton.autotune(_GEMV_CONFIGS, key=_KEY)(_qgemv_kernel)
     _FIXED_GEMM, _FIXED_GEMV = {}, {}
 
@@ -143,7 +144,8 @@ def qmatmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     N = w.qweight.shape[0]
     x = x.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    args = (w.qweight, w.scales, w.zeros, y, M, N, K, x.stride(0), y.stride(0), *_layout_args(w))
+    args = (w.qweight, w.scales, w.zeros, y, M, triton.next_power_of_2(M), N, K, x.stride(0), y.stride(0),
+            *_layout_args(w))
     meta = {"BITS": w.bits, "BO": w.block_out, "BI": w.block_in}
     if M <= GEMV_MAX_M:
         block_m = max(1, triton.next_power_of_2(M))
@@ -170,6 +172,7 @@ def qmatmul_t(g: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     def grid(cfg):
         return (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
 
-    _qmatmul_t[grid](g, w.qweight, w.scales, w.zeros, out, M, N, K, g.stride(0), out.stride(0), *_layout_args(w),
+    _qmatmul_t[grid](g, w.qweight, w.scales, w.zeros, out, M, triton.next_power_of_2(M), N, K, g.stride(0),
+                     out.stride(0), *_layout_args(w),
                      BITS=w.bits, BO=w.block_out, BI=w.block_in, F32_DOT=_f32_dot(g.dtype), **_FIXED_GEMM)
     return out

@@ -18,7 +18,7 @@ from lowbit_ft.exporters import FORMATS as EXPORT_FORMATS
 from lowbit_ft.exporters import export as export_model
 from lowbit_ft.gptq_format import save_gptq
 from lowbit_ft.layout import BlockLayout
-from lowbit_ft.loading import BUILTIN_SMOLLM2, load_model, load_quantized, load_tokenizer, smollm2_gguf
+from lowbit_ft.loading import gguf_source, load_model, load_quantized, load_tokenizer
 from lowbit_ft.module import LowBitModule, NonFiniteLossError
 from lowbit_ft.precision import DTYPES, LowBitPrecision
 from lowbit_ft.quantizer import check_method
@@ -111,7 +111,8 @@ def module_from_checkpoint(checkpoint: Path) -> LowBitModule:
                          "settings); export one written by lowbit-ft fit")
     accepted = inspect.signature(LowBitModule.__init__).parameters
     module = LowBitModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if k in accepted})
-    module.build_model(LowBitPrecision(**ckpt["lowbit_precision"]))
+    settings = ckpt["lowbit_precision"]  # None: the base was already quantized (a GPTQ/lowbit directory)
+    module.build_model(LowBitPrecision(**settings) if settings else None)
     module.on_load_checkpoint(ckpt)  # same adapter keys, or a one-line error
     module.load_state_dict(ckpt["state_dict"], strict=False)
     return module.eval()
@@ -143,9 +144,8 @@ def export(checkpoint: Path, output: Path, format: str = "lowbit", dtype: str = 
     figures = check_merge(module.model, {**batch, "labels": batch["input_ids"].masked_fill(
         batch["attention_mask"] == 0, -100)})
     print("merge check           " + ", ".join(f"{k}={v:.3g}" for k, v in figures.items()))
-    gguf_source = smollm2_gguf() if base == BUILTIN_SMOLLM2 else (Path(base) if base.endswith(".gguf") else None)
     path = export_model(module.model, output, format, tokenizer, dtype=DTYPES[dtype], round_zeros=round_zeros,
-                        overwrite=overwrite, merge_figures=figures, gguf_metadata_from=gguf_source)
+                        overwrite=overwrite, merge_figures=figures, gguf_metadata_from=gguf_source(base))
     print(f"exported ({format})     {Path(path).resolve()}")
     return path
 

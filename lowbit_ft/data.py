@@ -96,12 +96,19 @@ def format_prompt(record: dict, template: str, tokenizer) -> str:
 
 
 def tokenize(record: dict, tokenizer, template: str, max_length: int) -> dict[str, list[int]]:
-    """input_ids and labels (prompt masked with -100), truncated to max_length; ends with EOS."""
-    prompt = tokenizer(format_prompt(record, template, tokenizer), add_special_tokens=False)["input_ids"]
-    response = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt + response)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
-    return {"input_ids": ids, "labels": labels}
+    """input_ids and labels (prompt masked with -100), truncated to max_length; ends with EOS.
+
+    Prompt and response are tokenized as one text, with the tokenizer's special tokens (LLaMA's BOS),
+    so the response's first token is what the model sees at inference; the mask covers the tokens
+    of the prompt alone."""
+    prompt = format_prompt(record, template, tokenizer)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + record["output"])["input_ids"]
+    if ids[-1] != tokenizer.eos_token_id:
+        ids = ids + [tokenizer.eos_token_id]
+    n_prompt = len(prompt_ids) - (1 if prompt_ids and prompt_ids[-1] == tokenizer.eos_token_id else 0)
+    labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 
 def pack(examples: list[dict], max_length: int) -> list[dict]:
@@ -129,6 +136,33 @@ class Collate:
             n = len(ex["input_ids"])
             ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(ex["input_ids"]), torch.tensor(ex["labels"]), 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning can resume mid-epoch (it implements `state_dict` / `load_state_dict`).
+
+    The state is the epoch and the number of batches training has consumed in it, read from the
+    trainer's progress counters at save time (the loader's own count runs one batch ahead: Lightning
+    prefetches). On resume the epoch's permutation is rebuilt from (seed, epoch) and those batches
+    are skipped, so a resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, *args, consumed=lambda: 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._consumed, self._skip = consumed, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "consumed": int(self._consumed())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self._skip = state["consumed"]
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        iterator = super().__iter__()
+        for _ in range(skip):
+            next(iterator)
+        return iterator
 
 
 class InstructionDataModule(L.LightningDataModule):
@@ -199,7 +233,14 @@ class InstructionDataModule(L.LightningDataModule):
                           collate_fn=Collate(self.pad_id), num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        loader = self._loader(self.train_set, shuffle=True)
+        trainer = self.trainer
+
+        def consumed() -> int:  # batches of this epoch whose training step has run
+            return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else 0
+
+        return ResumableLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
+                               collate_fn=loader.collate_fn, num_workers=loader.num_workers, consumed=consumed)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

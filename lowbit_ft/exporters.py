@@ -149,8 +149,8 @@ def _llama_cpp_rows(n_heads: int, rows: int) -> torch.Tensor:
 def q4_1_blocks(layer, rows: torch.Tensor | None = None) -> np.ndarray:
     """A (1, 32)-layout 4-bit QuantLinear as GGUF Q4_1 bytes, (out, in / 32 · 20): per block fp16 d = s,
     fp16 m = −s·z, then 16 bytes holding codes j (low nibble) and j + 16 (high nibble)."""
-    codes = unpack_codes(layer.qweight, 4).to(torch.int64)
-    scales, zeros = layer.scales.float(), layer.zeros.float()
+    codes = unpack_codes(layer.qweight.cpu(), 4).to(torch.int64)
+    scales, zeros = layer.scales.float().cpu(), layer.zeros.float().cpu()
     if rows is not None:
         codes, scales, zeros = codes[rows], scales[rows], zeros[rows]
     out, blocks = scales.shape
@@ -189,19 +189,22 @@ def _export_gguf(model, out_dir, tokenizer, overwrite, metadata_from) -> Path:
             log.warning("gguf: no tokenizer metadata written (the base is not a GGUF); llama.cpp needs it")
         for name, tensor in model.state_dict().items():
             owner, _, attr = name.rpartition(".")
+            kind = owner.rsplit(".", 1)[-1]
+            heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(kind)
             if owner in layers:
                 if attr != "qweight":
                     continue
                 layer = layers[owner]
-                kind = owner.rsplit(".", 1)[-1]
-                heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(kind)
                 rows = _llama_cpp_rows(heads, layer.out_features) if heads else None
                 writer.add_tensor(_gguf_name(owner) + ".weight", q4_1_blocks(layer, rows),
                                   raw_dtype=gguf.GGMLQuantizationType.Q4_1)
             elif name == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False):
                 continue
             else:
-                writer.add_tensor(_gguf_name(owner) + ".weight", tensor.float().numpy())
+                tensor = tensor.detach().float().cpu()
+                if heads:  # an unquantized q/k projection needs llama.cpp's row order all the same
+                    tensor = tensor[_llama_cpp_rows(heads, tensor.shape[0])]
+                writer.add_tensor(_gguf_name(owner) + ".weight", tensor.numpy())
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

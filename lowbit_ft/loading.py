@@ -143,6 +143,13 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float16, 
     return model.eval()
 
 
+def gguf_source(source: str) -> Path | None:
+    """The GGUF file a model source came from (its tokenizer metadata serves GGUF exports), if any."""
+    if source == BUILTIN_SMOLLM2:
+        return smollm2_gguf()
+    return Path(source) if str(source).endswith(".gguf") else None
+
+
 def load_tokenizer(source: str):
     """The tokenizer of a model source ('smollm2', a .gguf file, or a directory with tokenizer files)."""
     path = smollm2_gguf() if source == BUILTIN_SMOLLM2 else Path(source)

@@ -72,6 +72,8 @@ class LowBitModule(L.LightningModule):
         self.val_loss = torchmetrics.MeanMetric()
         self.val_accuracy = torchmetrics.MeanMetric()
         self._step_started = None
+        self._window_tokens = torch.zeros((), dtype=torch.long)
+        self._last_loss = torch.zeros(())
 
     # --- hooks a subclass overrides -----------------------------------------------------------
     def load_base_model(self) -> nn.Module:
@@ -90,20 +92,17 @@ class LowBitModule(L.LightningModule):
             raise ValueError(f"model.adapter={h.adapter!r}: {err}") from None
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (mean loss over response tokens, logits). Prompt tokens carry label -100.
+        """Return (mean loss over this batch's response tokens, logits). Prompt tokens carry label -100.
 
-        Under DDP the mean is over the response tokens of the *global* batch (each rank divides its
-        sum by the all-reduced count, times the world size that DDP's gradient averaging divides by),
-        so N processes at batch b train exactly like one at batch N·b."""
+        The training step turns the mean back into a token sum and `on_before_optimizer_step` divides
+        the gradients by the response tokens of the whole optimizer step — every micro-batch of the
+        accumulation window on every DDP rank — so accumulation and N processes both train exactly
+        like one large batch."""
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        token_loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                 ignore_index=IGNORE_INDEX, reduction="sum")
-        count = (labels != IGNORE_INDEX).sum()
-        world = self._trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            count = self._trainer.strategy.reduce(count.float(), reduce_op="sum") / world
-        return token_loss / count.clamp(min=1), logits
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                           ignore_index=IGNORE_INDEX)
+        return loss, logits
 
     # --- Lightning ---------------------------------------------------------------------------
     @property
@@ -145,22 +144,54 @@ class LowBitModule(L.LightningModule):
     def forward(self, **batch):
         return self.model(**batch)
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            ckpt = getattr(self._trainer.checkpoint_callback, "last_model_path", "") if self._trainer else ""
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at global step {self.global_step}: training stopped; "
-                f"the last good checkpoint is {ckpt or '(none written yet)'}; lower model.lr or check the data"
-            )
+    def _stop(self, what: str) -> None:
+        ckpt = getattr(self._trainer.checkpoint_callback, "last_model_path", "") if self._trainer else ""
+        raise NonFiniteLossError(
+            f"{what} at global step {self.global_step}: training stopped; the last good checkpoint is "
+            f"{ckpt or '(none written yet)'}; lower model.lr or check the data"
+        )
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_started = time.perf_counter()
+        # adapter dropout masks depend on (seed, step, micro-batch, rank) only, not on how many random
+        # numbers were drawn before (dataloader iterators, validation): a resumed run draws the same ones
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        rank = self._trainer.global_rank if self._trainer is not None else 0
+        torch.manual_seed((seed * 1_000_003 + self.global_step * 4_099 + batch_idx * 131 + rank) % 2**63)
 
     def training_step(self, batch, batch_idx):
         loss, _ = self.compute_loss(batch)
-        self._check_finite(loss)
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        self._window_tokens = self._window_tokens + tokens
+        self._last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
-        return loss
+        # a token sum, scaled once per optimizer step (on_before_optimizer_step); Lightning divides it by
+        # accumulate_grad_batches and DDP averages over ranks, and the scale below undoes both
+        return loss * tokens
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        trainer = self._trainer
+        world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+        total = trainer.strategy.reduce(self._window_tokens.float(), reduce_op="sum") if world > 1 \
+            else self._window_tokens.float()
+        scale = world * accumulate / total.clamp(min=1)
+        finite = torch.ones((), device=self.device)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+                finite = finite * torch.isfinite(p.grad).all()
+        if world > 1:  # every rank stops together, none is left waiting in an all-reduce
+            finite = trainer.strategy.reduce(finite, reduce_op="min")
+        self._window_tokens = torch.zeros((), dtype=torch.long, device=self.device)
+        if not bool(finite):  # one scalar sync per optimizer step
+            self._stop(f"loss is {self._last_loss.item()}" if not torch.isfinite(self._last_loss)
+                       else "gradients are not finite")
+
+    def on_train_start(self) -> None:
+        self._window_tokens = torch.zeros((), dtype=torch.long, device=self.device)
+        if self.lowbit_precision is not None and self.lowbit_precision.dtype == torch.float16:
+            raise ValueError("LowBitPrecision dtype=float16 has no loss scaling yet, so gradients can underflow: "
+                             "train with dtype=bfloat16 (or float32)")
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         elapsed = time.perf_counter() - self._step_started
@@ -210,8 +241,9 @@ class LowBitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.adapter_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        if self.lowbit_precision is not None:
-            checkpoint["lowbit_precision"] = dict(self.lowbit_precision.init_args)
+        precision = self.lowbit_precision
+        checkpoint["lowbit_precision"] = dict(precision.init_args) if precision is not None else None
+
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected, found = self.adapter_state_keys(), set(checkpoint.get("state_dict", {}))

@@ -166,3 +166,25 @@ def test_python_entry_point(tmp_path, tokens):
 def test_unknown_format_refused(tmp_path):
     with pytest.raises(ValueError, match=r"format='onnx' is unknown"):
         export(adapted(), tmp_path / "out", format="onnx")
+
+
+def test_gguf_loads_back_in_transformers_with_the_same_logits(tmp_path, tokens):
+    """Independent of our own permutation helper: transformers' GGUF loader undoes llama.cpp's q/k row order."""
+    from lowbit_ft.loading import smollm2_gguf
+
+    model = make_tiny_llama(vocab=49152)  # SmolLM2's vocabulary: its tokenizer metadata is copied in
+    quantize_model(model, BlockLayout.group(4, 32), progress=False, exclude=["model.layers.1.self_attn.k_proj"])
+    attach(model, "qa_lora", r=4)
+    g = torch.Generator().manual_seed(0)
+    for layer in adapted_layers(model).values():
+        for p in layer.adapter.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    adapter_on = logits(model, tokens)
+    path = export(model, tmp_path / "gguf", format="gguf", gguf_metadata_from=smollm2_gguf())
+    reloaded = AutoModelForCausalLM.from_pretrained(path, gguf_file="model-Q4_1.gguf", dtype=torch.float32)
+    got = logits(reloaded, tokens)
+    error = ((got - adapter_on).norm() / adapter_on.norm()).item()
+    print(f"gguf round trip relative logit error {error:.2e}")
+    # m = −s·z is stored in float16; a wrong q/k row order (even of the one unquantized k_proj) costs 1e-2
+    assert error < 3e-3
+    assert (got.argmax(-1) == adapter_on.argmax(-1)).float().mean() > 0.95

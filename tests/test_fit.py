@@ -15,6 +15,12 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 QUICKSTART = str(Path(__file__).parent.parent / "recipes" / "quickstart.yaml")
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Recipes write to out/… relative to the working directory: keep that out of the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 def fit_args(model_dir, *extra, steps=8):
     """The quickstart recipe on the tiny model: 16 training examples of batch 4 = 4 steps an epoch."""
     return ["fit", "--config", QUICKSTART, "--model.base", str(model_dir), "--model.r", "4",
@@ -51,18 +57,39 @@ def test_fit_lowers_loss_and_checkpoints_adapters_only(tiny_model_dir, tmp_path,
 
 
 def test_resume_matches_an_uninterrupted_run_bitwise(tiny_model_dir, tmp_path, monkeypatch):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    monkeypatch.chdir(tmp_path / "a")
-    main(fit_args(tiny_model_dir, steps=8))
-    monkeypatch.chdir(tmp_path / "b")
-    main(fit_args(tiny_model_dir, steps=4))
-    main(fit_args(tiny_model_dir, "--ckpt_path", "out/quickstart/checkpoints/last.ckpt", steps=8))
+    """Stopped mid-epoch (step 2 of 4), with adapter dropout: the data order and the dropout masks of
+    the resumed run are those of the uninterrupted one."""
+    def run(folder, *extra, steps):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        monkeypatch.chdir(tmp_path / folder)
+        args = fit_args(tiny_model_dir, "--model.dropout", "0.1", *extra, steps=steps)
+        args[args.index("--trainer.callbacks.every_n_train_steps") + 1] = "1"
+        main(args)
+
+    run("a", steps=7)
+    run("b", steps=2)
+    run("b", "--ckpt_path", "out/quickstart/checkpoints/last.ckpt", steps=7)
     straight = adapter_state(tmp_path / "a/out/quickstart/checkpoints/last.ckpt")
     resumed = adapter_state(tmp_path / "b/out/quickstart/checkpoints/last.ckpt")
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_gradient_accumulation_equals_one_large_batch(tiny_model_dir, tmp_path, monkeypatch):
+    """Batch 2 × 2 accumulated micro-batches vs batch 4: the loss is normalised by the tokens of the
+    whole optimizer step, so the two train the same adapters."""
+    states = []
+    for folder, batch, accumulate in (("big", "4", "1"), ("accumulated", "2", "2")):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        args = fit_args(tiny_model_dir, "--data.batch_size", batch, "--trainer.accumulate_grad_batches", accumulate,
+                        steps=3)
+        args[args.index("--trainer.val_check_interval") + 1] = "2"
+        main(args)
+        states.append(adapter_state(tmp_path / folder / "out/quickstart/checkpoints/last.ckpt"))
+    for key in states[0]:
+        assert torch.allclose(states[0][key], states[1][key], rtol=1e-4, atol=1e-6), key
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(

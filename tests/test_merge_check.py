@@ -85,3 +85,11 @@ def test_fails_when_one_zero_is_corrupted(name, monkeypatch):
     warn.batch = held_batch()
     with one_corrupted_zero(monkeypatch):
         assert warn.run(trainer, module)["layer/max_rel"] > 1e-4
+
+
+def test_layer_check_is_float32_under_bf16_autocast():
+    """The training forward runs under the plugin's autocast; the per-layer criterion must not."""
+    model = adapted("qa_lora")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        figures = mc.check_merge(model, held_batch())
+    assert figures["layer/max_rel"] < 1e-5
