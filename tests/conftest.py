@@ -57,3 +57,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     make_tiny_llama(vocab=49152).save_pretrained(path)
     load_tokenizer("smollm2").save_pretrained(path)
     return path
+
+
+def make_adapted_llama(name: str = "qa_lora", layout=None, tie: bool = False, scale: float = 0.1, **hparams):
+    """A tiny LLaMA quantized to INT4 ((8, 4) blocks for QA-HiRA, g = 32 otherwise) with adapter `name`
+    attached and random non-zero adapter weights, so merges have something to merge."""
+    from lowbit_ft import BlockLayout, quantize_model
+    from lowbit_ft.adapters import adapted_layers, attach
+
+    model = make_tiny_llama(tie=tie)
+    layout = layout or (BlockLayout(4, 8, 4) if name == "qa_hira" else BlockLayout.group(4, 32))
+    quantize_model(model, layout, progress=False)
+    attach(model, name, **{"r": 4, **hparams})
+    g = torch.Generator().manual_seed(0)
+    for layer in adapted_layers(model).values():
+        for p in layer.adapter.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model

@@ -13,21 +13,13 @@ from lowbit_ft.adapters import REGISTRY, adapted_layers, attach
 from lowbit_ft.convert import quant_layers
 from lowbit_ft.exporters import _llama_cpp_rows, export
 
-from .conftest import make_tiny_llama
+from .conftest import make_adapted_llama, make_tiny_llama
 
 LOW_BIT = sorted(n for n, c in REGISTRY.items() if c.merges_into_low_bit)
 
 
 def adapted(name="qa_lora", layout=None, tie=False):
-    model = make_tiny_llama(tie=tie)
-    layout = layout or (BlockLayout(4, 8, 4) if name == "qa_hira" else BlockLayout.group(4, 32))
-    quantize_model(model, layout, progress=False)
-    attach(model, name, r=4)
-    g = torch.Generator().manual_seed(0)
-    for layer in adapted_layers(model).values():
-        for p in layer.adapter.parameters():
-            p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return make_adapted_llama(name, layout, tie)
 
 
 def logits(model, tokens):

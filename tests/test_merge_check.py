@@ -8,21 +8,13 @@ import torch
 from lightning.pytorch.plugins.precision import Precision
 
 import lowbit_ft.callbacks.merge_check as mc
-from lowbit_ft import BlockLayout, quantize_model
-from lowbit_ft.adapters import REGISTRY, adapted_layers, attach
+from lowbit_ft.adapters import REGISTRY
 
-from .conftest import make_tiny_llama
+from .conftest import make_adapted_llama
 
 
 def adapted(name):
-    model = make_tiny_llama()
-    quantize_model(model, BlockLayout(4, 8, 4) if name == "qa_hira" else BlockLayout.group(4, 32), progress=False)
-    attach(model, name, r=4)
-    g = torch.Generator().manual_seed(0)
-    for layer in adapted_layers(model).values():
-        for p in layer.adapter.parameters():
-            p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+    return make_adapted_llama(name)
 
 
 def held_batch():

@@ -9,6 +9,7 @@ block-delta C, the dense ΔW and the merge into low-bit zeros are all here.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -91,6 +92,22 @@ class Adapter(nn.Module):
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class LowRankAdapter(Adapter):
+    """An adapter whose map is a product M = B·A (rows × rank)·(rank × cols): LoRA, QA-LoRA, Q-BaRA.
+    A is Kaiming-initialised and B starts at zero, so step 0 is exactly the base model."""
+
+    def _low_rank(self, rows: int, cols: int, rank: int) -> None:
+        self.lora_A = nn.Parameter(torch.empty(rank, cols))
+        self.lora_B = nn.Parameter(torch.zeros(rows, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def block_map(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled @ self.lora_A.t() @ self.lora_B.t()
+
+    def block_matrix(self) -> torch.Tensor:
+        return self.lora_B @ self.lora_A
 
 
 def aligned(tile: tuple[int, int], layout: BlockLayout) -> bool:

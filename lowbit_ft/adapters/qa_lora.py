@@ -8,15 +8,10 @@ tiles, so it merges exactly into the zeros of a (1, g') base for any g' dividing
 
 from __future__ import annotations
 
-import math
-
-import torch
-from torch import nn
-
-from lowbit_ft.adapters.base import Adapter
+from lowbit_ft.adapters.base import LowRankAdapter
 
 
-class QALoRA(Adapter):
+class QALoRA(LowRankAdapter):
     merges_into_low_bit = True
 
     def __init__(self, in_features, out_features, base_layout, r=64, alpha=16.0, dropout=0.0,
@@ -31,12 +26,4 @@ class QALoRA(Adapter):
         self.tile = (1, group)
         self._check_tile("qa_lora")
         self.hparams["group_size"] = group_size
-        self.lora_A = nn.Parameter(torch.empty(r, in_features // group))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r))  # B = 0: step 0 is the base model
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def block_map(self, pooled):
-        return pooled @ self.lora_A.t() @ self.lora_B.t()
-
-    def block_matrix(self):
-        return self.lora_B @ self.lora_A
+        self._low_rank(out_features, in_features // group, r)
