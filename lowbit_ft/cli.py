@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import sys
 from argparse import ArgumentError
 from pathlib import Path
@@ -14,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 from lowbit_ft.adapters import save_adapters
 from lowbit_ft.callbacks.merge_check import MergeMismatchError, check_merge
 from lowbit_ft.data import InstructionDataModule, read_records
+from lowbit_ft.evaluate import evaluate_task, perplexity
 from lowbit_ft.exporters import FORMATS as EXPORT_FORMATS
 from lowbit_ft.exporters import export as export_model
 from lowbit_ft.gptq_format import save_gptq
@@ -150,6 +152,45 @@ def export(checkpoint: Path, output: Path, format: str = "lowbit", dtype: str = 
     return path
 
 
+def evaluate(model: str, data: list[str], output: Path | None = None, limit: int | None = None,
+             perplexity_data: Path | None = None, perplexity_samples: int = 200) -> dict:
+    """Score a model on local multiple-choice tasks (log-likelihood) and, optionally, perplexity.
+
+    Args:
+        model: a training .ckpt (adapters on their low-bit base), an exported or GPTQ directory, a HF
+            directory, a .gguf file, or 'smollm2'.
+        data: JSONL task files of {question, choices, answer} (e.g. ../shared/data/eval_dev/*.jsonl).
+        output: write the results as JSON here (refused if it exists).
+        limit: score only the first N items of each file.
+        perplexity_data: an Alpaca .json/.jsonl file whose records' full text gives perplexity.
+        perplexity_samples: records used for perplexity (the first N).
+    """
+    if output is not None and Path(output).exists():
+        raise FileExistsError(f"--output {output} already exists; choose another path")
+    if str(model).endswith(".ckpt"):
+        module = module_from_checkpoint(Path(model))
+        lm, tokenizer = module.model, load_tokenizer(module.hparams.base)
+    else:
+        lm, tokenizer = load_model(str(model))
+        if tokenizer is None:
+            raise ValueError(f"--model {model}: no tokenizer there; evaluation needs one")
+    lm.eval()
+    results = {"model": str(model), "tasks": {}}
+    for path in data:
+        results["tasks"][Path(path).stem] = scores = evaluate_task(lm, tokenizer, path, limit)
+        print(f"{Path(path).stem:<22} acc {scores['acc']:.3f}   per-token {scores['acc_per_token']:.3f}   "
+              f"per-char {scores['acc_per_char']:.3f}   chance {scores['chance']:.3f}   n {scores['n']}")
+    if perplexity_data is not None:
+        records = read_records(str(perplexity_data))[:perplexity_samples]
+        texts = [f"{r['instruction']}\n{r.get('input') or ''}\n{r['output']}" for r in records]
+        results["perplexity"] = perplexity(lm, tokenizer, texts)
+        print(f"{'perplexity':<22} {results['perplexity']:.2f}   ({len(texts)} records of {perplexity_data})")
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(results, indent=2))
+    return results
+
+
 class LowBitCLI(LightningCLI):
     """LightningCLI for LowBitModule + InstructionDataModule; the tokenizer follows model.base."""
 
@@ -176,7 +217,7 @@ LIGHTNING_COMMANDS = {
     "test": "run the test loop on a checkpoint (--ckpt_path)",
     "predict": "run prediction on a checkpoint (--ckpt_path)",
 }
-PROJECT_COMMANDS = {"quantize": quantize, "export": export}
+PROJECT_COMMANDS = {"quantize": quantize, "export": export, "eval": evaluate}
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, MergeMismatchError)
 
 
@@ -198,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         if argv[0] in PROJECT_COMMANDS:
+            # `--data a --data b` appends (jsonargparse would read a lone list value as a file of items)
+            argv = [f"--data+={argv[i + 1]}" if a == "--data" and i + 1 < len(argv) else a
+                    for i, a in enumerate(argv) if not (i > 0 and argv[i - 1] == "--data")]
             CLI(PROJECT_COMMANDS, args=argv, as_positional=False, description=overview())
         else:
             LowBitCLI(LowBitModule, InstructionDataModule, args=None if from_shell else argv,

@@ -1,0 +1,80 @@
+"""Log-likelihood scoring against a brute-force recomputation, on hand-made task files."""
+
+import json
+
+import pytest
+import torch
+
+from lowbit_ft.cli import main
+from lowbit_ft.evaluate import choice_logprobs, evaluate_task, perplexity, read_task
+from lowbit_ft.loading import load_model
+
+ITEMS = [
+    {"question": "Question: What do plants need to make food?\nAnswer:", "choices": ["sunlight", "rocks", "sand"]},
+    {"question": "The sky on a clear day is", "choices": ["blue.", "green with purple dots."]},
+]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    return load_model(str(tiny_model_dir))
+
+
+def brute_force(model, tokenizer, question, choice):
+    """One unpadded forward per choice: sum of log P(token | everything before it) over the choice."""
+    context = tokenizer(question)["input_ids"]
+    continuation = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logprobs = model(ids).logits.float().log_softmax(-1)[0]
+    return sum(logprobs[len(context) + j - 1, t].item() for j, t in enumerate(continuation)), len(continuation)
+
+
+def test_batched_scores_equal_the_brute_force_ones(lm):
+    model, tokenizer = lm
+    for item in ITEMS:
+        batched = choice_logprobs(model, tokenizer, item["question"], item["choices"])
+        for (score, n), choice in zip(batched, item["choices"], strict=True):
+            want, want_n = brute_force(model, tokenizer, item["question"], choice)
+            assert n == want_n and abs(score - want) < 1e-4
+
+
+def test_known_answers_score_one_and_zero(lm, tmp_path):
+    model, tokenizer = lm
+    best, worst = tmp_path / "best.jsonl", tmp_path / "worst.jsonl"
+    for path, pick in ((best, max), (worst, min)):
+        lines = []
+        for item in ITEMS:
+            scores = [brute_force(model, tokenizer, item["question"], c)[0] for c in item["choices"]]
+            lines.append(json.dumps({**item, "answer": scores.index(pick(scores))}))
+        path.write_text("\n".join(lines))
+    assert evaluate_task(model, tokenizer, best)["acc"] == 1.0
+    result = evaluate_task(model, tokenizer, worst)
+    assert result["acc"] == 0.0 and result["n"] == 2 and result["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+
+
+def test_perplexity_is_the_exponentiated_token_loss(lm):
+    model, tokenizer = lm
+    text = "Plants need sunlight, water and air to make their food."
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss.item()
+    assert perplexity(model, tokenizer, [text]) == pytest.approx(torch.exp(torch.tensor(loss)).item(), rel=1e-4)
+
+
+def test_bad_task_file_refused(tmp_path):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"question": "q", "choices": ["a"], "answer": 0}))
+    with pytest.raises(ValueError, match=r"line 1 needs 'question' \(str\), 'choices' \(≥ 2 strings\)"):
+        read_task(tmp_path / "t.jsonl")
+
+
+def test_eval_command_writes_json(tiny_model_dir, tmp_path, capsys):
+    paths = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps({**item, "answer": 0}) for item in ITEMS))
+        paths += ["--data", str(path)]
+    main(["eval", "--model", str(tiny_model_dir), *paths, "--output", str(tmp_path / "r.json")])
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert set(results["tasks"]) == {"a", "b"} and results["tasks"]["a"]["n"] == 2
+    assert "a                      acc" in capsys.readouterr().out
