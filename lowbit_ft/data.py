@@ -222,25 +222,23 @@ class InstructionDataModule(L.LightningDataModule):
             raise ValueError(f"data.path={h.path!r}: no training examples left ({len(examples) - len(kept)} had no "
                              "response token within data.max_length); raise data.max_length or add records")
 
-    def _loader(self, dataset: list[dict], shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: list[dict], shuffle: bool, loader_class=DataLoader, **extra) -> DataLoader:
         trainer = self.trainer
         # a seeded sampler whose order depends on (seed, epoch) only: resumed runs see the same batches,
         # and under DDP each rank takes its share of the same permutation
         sampler = DistributedSampler(dataset, num_replicas=trainer.world_size if trainer else 1,
                                      rank=trainer.global_rank if trainer else 0, shuffle=shuffle,
                                      seed=self.hparams.seed, drop_last=shuffle)
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
-                          collate_fn=Collate(self.pad_id), num_workers=self.hparams.num_workers)
+        return loader_class(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
+                            collate_fn=Collate(self.pad_id), num_workers=self.hparams.num_workers, **extra)
 
     def train_dataloader(self) -> DataLoader:
-        loader = self._loader(self.train_set, shuffle=True)
         trainer = self.trainer
 
         def consumed() -> int:  # batches of this epoch whose training step has run
             return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else 0
 
-        return ResumableLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
-                               collate_fn=loader.collate_fn, num_workers=loader.num_workers, consumed=consumed)
+        return self._loader(self.train_set, shuffle=True, loader_class=ResumableLoader, consumed=consumed)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

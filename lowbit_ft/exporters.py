@@ -45,10 +45,6 @@ def model_card(model: nn.Module, adapter: str | None, merge_figures: dict | None
     return "\n".join(lines) + "\n"
 
 
-def _low_bit_mergeable(model: nn.Module) -> bool:
-    return all(aligned(w.adapter.tile, w.base.layout) for w in adapted_layers(model).values())
-
-
 @contextlib.contextmanager
 def _merged(model: nn.Module):
     if not adapted_layers(model):

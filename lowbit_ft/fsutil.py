@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
 
 
 @contextmanager
@@ -45,3 +50,29 @@ def default_permissions(root: Path) -> None:
     root.chmod((0o777 if root.is_dir() else 0o666) & ~umask)
     for path in root.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def write_checkpoint(model: nn.Module, out_dir: str | os.PathLike, packed: dict[str, torch.Tensor],
+                     quantization_config: dict, tokenizer=None, dtype: torch.dtype = torch.float16,
+                     overwrite: bool = False, model_card: str | None = None) -> Path:
+    """A HF-style checkpoint directory, atomically: `packed` (the quantized layers' tensors, stored as
+    given) plus every other tensor of the model in `dtype` (tied weights once), config.json with
+    `quantization_config`, the tokenizer and an optional model card."""
+    owners = {key.rsplit(".", 1)[0] for key in packed}
+    tensors, seen = dict(packed), set()
+    for key, value in model.state_dict().items():
+        if key.rsplit(".", 1)[0] in owners or value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())  # lm_head tied to embed_tokens is stored once
+        tensors[key] = value.to(dtype) if value.is_floating_point() else value
+    config = model.config.to_dict()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization_config"] = quantization_config
+    with atomic_directory(out_dir, overwrite) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if model_card:
+            (tmp / "README.md").write_text(model_card)
+    return Path(out_dir)

@@ -18,11 +18,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lowbit_ft.convert import target_linears
-from lowbit_ft.fsutil import atomic_directory
+from lowbit_ft.fsutil import write_checkpoint
 from lowbit_ft.kernels import pack_codes, unpack_codes, values_per_unit
 from lowbit_ft.layout import SUPPORTED_BITS, BlockLayout
 from lowbit_ft.quant_linear import QuantLinear
@@ -176,26 +175,11 @@ def save_gptq(
     if len(layouts) != 1:
         raise ValueError(f"GPTQ needs one layout for every layer, the model has {sorted(map(str, layouts))}")
     (layout,) = layouts
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        for key, value in to_gptq(layer, checkpoint_format, name).items():
-            tensors[f"{name}.{key}"] = value
-    seen: set[int] = set()  # tied weights (lm_head = embed_tokens) are stored once
-    for key, value in model.state_dict().items():
-        if key.rsplit(".", 1)[0] in layers or value.data_ptr() in seen:
-            continue
-        seen.add(value.data_ptr())
-        tensors[key] = value.to(dtype) if value.is_floating_point() else value
-    config = model.config.to_dict()
-    config["dtype"] = str(dtype).removeprefix("torch.")
+    packed = {f"{name}.{key}": value for name, layer in layers.items()
+              for key, value in to_gptq(layer, checkpoint_format, name).items()}
     sym = all(bool((m.zeros == 1 << (layout.bits - 1)).all()) for m in layers.values())
-    config["quantization_config"] = quantization_config(layout.bits, layout.block_in, checkpoint_format, sym)
-    with atomic_directory(out_dir, overwrite) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
+    qc = quantization_config(layout.bits, layout.block_in, checkpoint_format, sym)
+    return write_checkpoint(model, out_dir, packed, qc, tokenizer, dtype, overwrite)
 
 
 def read_gptq_config(path: Path) -> dict:

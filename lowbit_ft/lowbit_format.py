@@ -13,18 +13,16 @@ config.json's quantization_config: {"quant_method": "lowbit", "format_version": 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowbit_ft.convert import quant_layers, set_submodule
-from lowbit_ft.fsutil import atomic_directory
+from lowbit_ft.fsutil import write_checkpoint
 from lowbit_ft.layout import SUPPORTED_BITS, BlockLayout
 from lowbit_ft.quant_linear import QuantLinear
 
@@ -58,26 +56,8 @@ def save_lowbit(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dt
         raise ValueError("model has adapters attached: merge them first (lowbit_ft.adapters.merge)")
     qc = lowbit_quantization_config(model)
     quantized = set(qc["modules"])
-    tensors, seen = {}, set()
-    for key, value in model.state_dict().items():
-        owner = key.rsplit(".", 1)[0]
-        if owner in quantized:
-            tensors[key] = value
-        elif value.data_ptr() not in seen:
-            seen.add(value.data_ptr())
-            tensors[key] = value.to(dtype) if value.is_floating_point() else value
-    config = model.config.to_dict()
-    config["dtype"] = _dtype_name(dtype)
-    config["quantization_config"] = qc
-    with atomic_directory(out_dir, overwrite) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors",
-                  metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if model_card:
-            (tmp / "README.md").write_text(model_card)
-    return Path(out_dir)
+    packed = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] in quantized}
+    return write_checkpoint(model, out_dir, packed, qc, tokenizer, dtype, overwrite, model_card)
 
 
 def read_lowbit_config(qc: dict, where: str) -> tuple[BlockLayout, torch.dtype, torch.dtype, list[str]]:

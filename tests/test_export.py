@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import lowbit_ft.lowbit_format
+import lowbit_ft.fsutil
 from lowbit_ft import BlockLayout, load_quantized, quantize_model
 from lowbit_ft.adapters import REGISTRY, adapted_layers, attach
 from lowbit_ft.convert import quant_layers
@@ -131,7 +131,7 @@ def test_interrupted_export_leaves_no_output(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # e.g. Ctrl-C halfway through writing the weights
 
-    monkeypatch.setattr(lowbit_ft.lowbit_format, "save_file", crash)
+    monkeypatch.setattr(lowbit_ft.fsutil, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         export(adapted(), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -170,12 +170,12 @@ def test_not_a_checkpoint_refused(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import lowbit_ft.gptq_format as fmt
+    import lowbit_ft.fsutil as fsutil
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(fmt, "save_file", crash)
+    monkeypatch.setattr(fsutil, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_gptq(_model_with_zeros_above_0(4), tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
