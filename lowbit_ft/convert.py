@@ -106,3 +106,19 @@ def quantize_model(
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """The model's `QuantLinear` modules by name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every `QuantLinear` (also those under adapters) by an `nn.Linear` holding its dequantized
+    weight, in place. The same function with the dequantization done once instead of on every forward:
+    what evaluation on a CPU wants, where the torch reference path re-dequantizes each call."""
+    for name, layer in quant_layers(model).items():
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype,
+                          device=layer.qweight.device)
+        dense.weight.copy_(layer.dequantize(dtype))
+        if layer.bias is not None:
+            dense.bias.copy_(layer.bias)
+        dense.requires_grad_(False)
+        set_submodule(model, name, dense)
+    return model

@@ -76,3 +76,17 @@ def write_checkpoint(model: nn.Module, out_dir: str | os.PathLike, packed: dict[
         if model_card:
             (tmp / "README.md").write_text(model_card)
     return Path(out_dir)
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    """Write JSON next to `path` and rename it into place: a crash never leaves a half-written file.
+    Refuses an existing file (results are never overwritten)."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"--output {path} already exists; choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+    return path

@@ -1,6 +1,7 @@
 """The benchmark scripts still run (tiny shapes; on CPU through the Triton interpreter). Their figures
 are measured on a GPU and recorded in bench/RESULTS.md, never asserted here."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,3 +17,26 @@ def test_bench_smoke(script):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "device:" in done.stdout and ("x" in done.stdout.splitlines()[-1])
+
+
+def test_reproduce_smoke(tmp_path):
+    """bench/reproduce.py end to end on a tiny random LLaMA: every method at every bits, merged QA-LoRA and
+    QA-HiRA picking the same answer as adapter-on on every item, the table and the plot written."""
+    done = subprocess.run([sys.executable, str(BENCH / "reproduce.py"), "--smoke", "--output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
+    methods = {(r["method"], r["bits"]) for r in rows}
+    per_bits = ["GPTQ base", "LoRA + RTN", "LoRA + GPTQ", "QA-LoRA, adapter-on", "QA-LoRA, merged",
+                "QA-HiRA, adapter-on", "QA-HiRA, merged", "Q-BaRA, merged fp16"]
+    assert methods == {("16-bit base", 16), ("LoRA, merged fp16", 16)} | {(m, b) for m in per_bits for b in (4, 3, 2)}
+    by_key = {(r["method"], r["bits"]): r for r in rows}
+    for name in ("QA-LoRA", "QA-HiRA"):
+        for bits in (4, 3, 2):
+            on, merged = by_key[(f"{name}, adapter-on", bits)], by_key[(f"{name}, merged", bits)]
+            for task, scores in on["tasks"].items():
+                assert scores["predictions"] == merged["tasks"][task]["predictions"]
+            assert merged["perplexity"] == pytest.approx(on["perplexity"], rel=1e-4)
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert table.startswith("| method | bits |") and table.count("\n| ") == len(rows) + 1  # rows + chance
+    assert (tmp_path / "run" / "accuracy_vs_bits.png").stat().st_size > 10_000

@@ -75,3 +75,20 @@ def test_skip_indivisible_leaves_those_layers_16_bit():
     names = {n.rsplit(".", 1)[-1] for n in quant_layers(model)}
     assert names == set(DEFAULT_TARGETS) - {"down_proj"}
     assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
+
+
+def test_dequantize_model_computes_the_same_function(tokens):
+    """The eval speed-up: every QuantLinear, also the ones under adapters, becomes an nn.Linear with
+    dequant(W); the logits agree to float32 rounding (one matmul vs the reference's row tiles)."""
+    from lowbit_ft.convert import dequantize_model
+
+    from .conftest import make_adapted_llama
+
+    model = make_adapted_llama("qa_lora")
+    with torch.no_grad():
+        want = model(tokens).logits
+        dequantize_model(model)
+        got = model(tokens).logits
+    assert not quant_layers(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base, nn.Linear)
+    assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max().item())

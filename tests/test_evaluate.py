@@ -78,3 +78,25 @@ def test_eval_command_writes_json(tiny_model_dir, tmp_path, capsys):
     results = json.loads((tmp_path / "r.json").read_text())
     assert set(results["tasks"]) == {"a", "b"} and results["tasks"]["a"]["n"] == 2
     assert "a                      acc" in capsys.readouterr().out
+
+
+def test_results_json_is_never_overwritten(tmp_path):
+    from lowbit_ft.fsutil import write_json
+
+    path = write_json(tmp_path / "r.json", {"a": 1})
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_dequantized_eval_picks_the_same_answers(tiny_model_dir, tmp_path):
+    from lowbit_ft import BlockLayout, quantize_model
+    from lowbit_ft.convert import dequantize_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    quantize_model(model, BlockLayout.group(4, 32), progress=False)
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps({**item, "answer": 0}) for item in ITEMS))
+    packed = evaluate_task(model, tokenizer, path, predictions=True)
+    dense = evaluate_task(dequantize_model(model), tokenizer, path, predictions=True)
+    assert packed == dense and len(packed["predictions"]) == len(ITEMS)

@@ -1,0 +1,293 @@
+"""The QA-LoRA paper's comparison on a real model: fine-tune SmolLM2-135M on natural-instructions data
+at INT4/3/2 and score every method on the same multiple-choice sets and held-out perplexity.
+
+    python bench/reproduce.py                          # CPU, reduced steps (about an hour on 2 cores)
+    python bench/reproduce.py --steps 300 --limit 0    # the fuller run, on a GPU
+    python bench/reproduce.py --smoke                  # a tiny random model in seconds (the test suite)
+
+Rows (same data, steps, seed and hyper-parameters for every trained method):
+  - the 16-bit base, and the GPTQ INT-b g base without fine-tuning;
+  - LoRA trained on the GPTQ INT4 base, merged to fp16 (the paper's QLoRA; the upper reference),
+    then post-training quantized to INT-b with RTN and with GPTQ ("QLoRA w/ GPTQ");
+  - QA-LoRA on the GPTQ INT-b (1, g) base, merged into the INT-b zeros, and adapter-on;
+  - QA-HiRA on a GPTQ INT-b (8, 4)-block base, merged and adapter-on;
+  - Q-BaRA on the GPTQ INT-b base, merged into dense fp16 weights (it cannot merge into low bit).
+Each finished row is appended to OUTPUT/rows.jsonl at once: an interrupted run resumes where it stopped.
+OUTPUT/results.md holds the table and OUTPUT/accuracy_vs_bits.png the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from lowbit_ft import BlockLayout, quantize_model
+from lowbit_ft.adapters import merge, merge_dense
+from lowbit_ft.convert import dequantize_model
+from lowbit_ft.data import InstructionDataModule, read_records
+from lowbit_ft.evaluate import evaluate_task, perplexity
+from lowbit_ft.loading import load_model
+from lowbit_ft.module import LowBitModule
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TASKS = ("science_qa", "goal_step_wikihow", "winogrande")  # the sets that separate models at 135M
+METRIC = "acc"  # summed log-likelihood, the shared data README's headline column
+
+
+class GivenBase(LowBitModule):
+    """LowBitModule on a base quantized before the Trainer starts (GPTQ needs calibration data, which a
+    precision plugin does not have): the `load_base_model` hook is the one thing that changes."""
+
+    given: list[nn.Module]
+
+    def load_base_model(self) -> nn.Module:
+        return self.given.pop()
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def record_text(record: dict) -> str:
+    return f"{record['instruction']}\n{record.get('input') or ''}\n{record['output']}"
+
+
+class Reproduction:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.output)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rows_path = self.out / "rows.jsonl"
+        config = {k: v for k, v in vars(args).items() if k != "output"}
+        config_path = self.out / "config.json"
+        if self.rows_path.exists() and json.loads(config_path.read_text()) != config:
+            raise SystemExit(f"{self.out} holds rows of a run with other settings; choose another --output")
+        config_path.write_text(json.dumps(config, indent=2))
+        self.rows = [json.loads(line) for line in self.rows_path.open()] if self.rows_path.exists() else []
+        self.fp_model, self.tokenizer = load_model(args.model)
+        self.fp_model.eval()
+        records = read_records(args.train_data)
+        order = list(range(len(records)))
+        # the same seeded shuffle as InstructionDataModule: training reads order[:train_records], so
+        # the tail of the order is never trained on and gives held-out perplexity text
+        random.Random(args.seed).shuffle(order)
+        self.train_records = args.steps * args.batch_size
+        held_out = order[self.train_records:][-args.perplexity_samples:]
+        self.ppl_texts = [record_text(records[i]) for i in held_out]
+        calibration_text = "\n\n".join(record_text(records[i]) for i in order[: self.train_records])
+        ids = self.tokenizer(calibration_text, add_special_tokens=False)["input_ids"]
+        need = args.calibration_samples * args.calibration_length
+        ids = (ids * (need // max(len(ids), 1) + 1))[:need]  # repeated only in --smoke-sized runs
+        self.calibration = torch.tensor(ids).reshape(args.calibration_samples, args.calibration_length)
+        self.gptq_bases: dict[tuple, nn.Module] = {}
+        self.lora_fp16: nn.Module | None = None
+
+    # --- building blocks ------------------------------------------------------------------------
+    def done(self, method: str, bits: int) -> bool:
+        return any(r["method"] == method and r["bits"] == bits for r in self.rows)
+
+    def gptq_base(self, layout: BlockLayout) -> nn.Module:
+        key = (layout.bits, layout.block_out, layout.block_in)
+        if key not in self.gptq_bases:
+            self.gptq_bases[key] = quantize_model(copy.deepcopy(self.fp_model), layout, "gptq",
+                                                  calibration=self.calibration)
+        return copy.deepcopy(self.gptq_bases[key])
+
+    def train(self, base: nn.Module, adapter: str) -> nn.Module:
+        a = self.args
+        L.seed_everything(a.seed, verbose=False)
+        module = GivenBase(base=a.model, adapter=adapter, r=a.r, alpha=a.alpha, lr=a.lr, warmup_steps=a.warmup)
+        module.given = [base]
+        data = InstructionDataModule(a.train_data, tokenizer=a.model, max_length=a.max_length,
+                                     batch_size=a.batch_size, val_fraction=0.0, seed=a.seed,
+                                     limit=self.train_records)
+        trainer = L.Trainer(max_steps=a.steps, devices=1, gradient_clip_val=0.3, limit_val_batches=0,
+                            num_sanity_val_steps=0, enable_checkpointing=False, logger=False,
+                            enable_model_summary=False, enable_progress_bar=not a.smoke)
+        trainer.fit(module, datamodule=data)
+        return module.model.eval()
+
+    def score(self, model: nn.Module) -> dict:
+        a = self.args
+        model = copy.deepcopy(model).eval()
+        if device_of(model).type == "cpu":
+            dequantize_model(model)  # the torch path dequantizes on every forward; do it once
+        tasks = {}
+        for task in a.tasks:
+            path = Path(a.eval_data) / f"{task}.jsonl"
+            tasks[task] = evaluate_task(model, self.tokenizer, path, a.limit or None, predictions=True)
+        return {"tasks": tasks, "perplexity": perplexity(model, self.tokenizer, self.ppl_texts, a.max_length)}
+
+    def add(self, method: str, bits: int, model: nn.Module, started: float, **extra) -> dict:
+        row = {"method": method, "bits": bits, **self.score(model), **extra,
+               "seconds": round(time.perf_counter() - started, 1)}
+        self.rows.append(row)
+        with self.rows_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        accs = "  ".join(f"{t} {row['tasks'][t][METRIC]:.3f}" for t in self.args.tasks)
+        print(f"[{method}, {bits}-bit] {accs}  ppl {row['perplexity']:.2f}  ({row['seconds']:.0f} s)", flush=True)
+        return row
+
+    def lora_merged(self) -> nn.Module:
+        """LoRA trained on the GPTQ INT4 base and merged into dense fp16 weights (QLoRA's deployment)."""
+        if self.lora_fp16 is None:
+            trained = self.train(self.gptq_base(BlockLayout.group(4, self.args.group_size)), "lora")
+            self.lora_fp16 = merge_dense(trained, torch.float16).float()  # fp16 values, float32 math
+        return self.lora_fp16
+
+    # --- the table ------------------------------------------------------------------------------
+    def run(self) -> None:
+        a = self.args
+        started = time.perf_counter()
+        if not self.done("16-bit base", 16):
+            self.add("16-bit base", 16, self.fp_model, started)
+        if not self.done("LoRA, merged fp16", 16):
+            self.add("LoRA, merged fp16", 16, self.lora_merged(), time.perf_counter())
+        for bits in a.bits:
+            group, blocks = BlockLayout.group(bits, a.group_size), BlockLayout(bits, *a.hira_block)
+            t = time.perf_counter()
+            if not self.done("GPTQ base", bits):
+                self.add("GPTQ base", bits, self.gptq_base(group), t)
+            for ptq in ("rtn", "gptq"):
+                method, t = f"LoRA + {ptq.upper()}", time.perf_counter()
+                if not self.done(method, bits):
+                    calibration = self.calibration.to(device_of(self.lora_merged())) if ptq == "gptq" else None
+                    quantized = quantize_model(copy.deepcopy(self.lora_merged()), group, ptq, calibration=calibration)
+                    self.add(method, bits, quantized, t)
+            for adapter, name, layout in (("qa_lora", "QA-LoRA", group), ("qa_hira", "QA-HiRA", blocks)):
+                t = time.perf_counter()
+                if self.done(f"{name}, merged", bits) and self.done(f"{name}, adapter-on", bits):
+                    continue
+                trained = self.train(self.gptq_base(layout), adapter)
+                on = self.add(f"{name}, adapter-on", bits, trained, t)
+                merged = self.add(f"{name}, merged", bits, merge(trained), time.perf_counter())
+                same = {task: on["tasks"][task]["predictions"] == merged["tasks"][task]["predictions"]
+                        for task in a.tasks}
+                print(f"    merged picks the same answer as adapter-on on every item: {same}", flush=True)
+            t = time.perf_counter()
+            if not self.done("Q-BaRA, merged fp16", bits):
+                trained = self.train(self.gptq_base(group), "q_bara")
+                self.add("Q-BaRA, merged fp16", bits, merge_dense(trained, torch.float16).float(), t)
+        write_report(self.rows, a, self.out)
+        print(f"done in {(time.perf_counter() - started) / 60:.1f} min: {self.out / 'results.md'}")
+
+
+def value_of(row: dict, key: str) -> float:
+    return row["perplexity"] if key == "perplexity" else row["tasks"][key][METRIC]
+
+
+def write_report(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
+    """results.md (the table) and accuracy_vs_bits.png (one panel per task plus perplexity)."""
+    tasks = list(args.tasks)
+    header = "| method | bits | " + " | ".join(tasks) + " | held-out ppl |"
+    lines = [header, "|" + "---|" * (len(tasks) + 3)]
+    chance = "| chance | | " + " | ".join(f"{rows[0]['tasks'][t]['chance']:.3f}" for t in tasks) + " | |"
+    for row in rows:
+        accs = " | ".join(f"{row['tasks'][t][METRIC]:.3f}" for t in tasks)
+        lines.append(f"| {row['method']} | {row['bits']} | {accs} | {row['perplexity']:.2f} |")
+    n = ", ".join(f"{t} n={rows[0]['tasks'][t]['n']}" for t in tasks)
+    (out / "results.md").write_text("\n".join([*lines, chance, "", f"Accuracy by summed log-likelihood ({n}).", ""]))
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.8))
+    low_bit = sorted({r["bits"] for r in rows if r["bits"] < 16})
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows if r["bits"] < 16) if "adapter-on" not in m]
+    for ax, key in zip(axes, [*tasks, "perplexity"], strict=True):
+        for method in methods:
+            points = sorted((r["bits"], value_of(r, key)) for r in rows if r["method"] == method)
+            ax.plot(*zip(*points, strict=True), marker="o", label=method)
+        for row, style in zip([r for r in rows if r["bits"] == 16], ("k--", "k:"), strict=False):
+            ax.axhline(value_of(row, key), color=style[0], linestyle=style[1:], label=row["method"])
+        if key == "perplexity":
+            ax.set_yscale("log")
+        else:
+            ax.axhline(rows[0]["tasks"][key]["chance"], color="grey", linewidth=0.8, label="chance")
+        ax.set_xticks(low_bit)
+        ax.set_xlabel("bits")
+        ax.set_title(key if key == "perplexity" else f"{key} (acc)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_bits.png", dpi=120)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="base model: 'smollm2' or a HF LLaMA directory")
+    parser.add_argument("--train-data", default=str(SHARED / "ni_train.jsonl"), help="Alpaca .jsonl to fine-tune on")
+    parser.add_argument("--eval-data", default=str(SHARED / "eval_dev"), help="folder of the task .jsonl files")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="task files (names without .jsonl)")
+    parser.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2], help="low-bit widths to compare")
+    parser.add_argument("--group-size", type=int, default=64,
+                        help="GPTQ group g (SmolLM2's 576-wide layers do not divide into 128)")
+    parser.add_argument("--hira-block", nargs=2, type=int, default=[8, 4], help="QA-HiRA base blocks (out, in)")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps of every fine-tuning run")
+    parser.add_argument("--batch-size", type=int, default=4, help="examples per step")
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per example")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant after warm-up)")
+    parser.add_argument("--warmup", type=int, default=3, help="linear warm-up steps")
+    parser.add_argument("--r", type=int, default=16, help="adapter rank")
+    parser.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator (scale alpha / r)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of data order, adapter init and dropout")
+    parser.add_argument("--limit", type=int, default=100, help="items scored per task (0: all)")
+    parser.add_argument("--perplexity-samples", type=int, default=16, help="held-out records for perplexity")
+    parser.add_argument("--calibration-samples", type=int, default=16, help="GPTQ calibration sequences")
+    parser.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration sequence")
+    parser.add_argument("--output", default="docs/results", help="folder for rows.jsonl, results.md and the plot")
+    parser.add_argument("--smoke", action="store_true", help="a tiny random LLaMA and 2 items per task")
+    return parser.parse_args(argv)
+
+
+def smoke_setup(args: argparse.Namespace) -> None:
+    """Make a tiny random LLaMA with SmolLM2's tokenizer and tiny data files under --output."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit_ft.loading import load_tokenizer
+
+    out = Path(args.output)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(out / "tiny")
+    load_tokenizer("smollm2").save_pretrained(out / "tiny")
+    records = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(40)]
+    (out / "train.jsonl").write_text("\n".join(map(json.dumps, records)))
+    (out / "eval").mkdir(exist_ok=True)
+    for task in args.tasks:
+        items = [{"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 3)], "answer": 0}
+                 for i in range(3)]
+        (out / "eval" / f"{task}.jsonl").write_text("\n".join(map(json.dumps, items)))
+    args.model, args.train_data, args.eval_data = str(out / "tiny"), str(out / "train.jsonl"), str(out / "eval")
+    args.steps, args.batch_size, args.max_length, args.limit = 2, 2, 96, 2
+    args.group_size, args.perplexity_samples, args.calibration_samples, args.calibration_length = 32, 2, 2, 16
+    args.output = str(out / "run")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    if args.smoke:
+        smoke_setup(args)
+    print(f"torch {torch.__version__}, device: {'cuda' if torch.cuda.is_available() else 'cpu'}", flush=True)
+    Reproduction(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
