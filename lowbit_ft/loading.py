@@ -169,6 +169,10 @@ def load_model(source: str, dtype: torch.dtype = torch.float32):
     if path.suffix == ".gguf" and path.is_file():
         tokenizer = load_tokenizer(str(path))
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        # transformers dequantizes GGUF to plain float weights but keeps its GGUF quantizer attached,
+        # which makes .float()/.half() refuse and save_pretrained write a stale quantization_config
+        model.hf_quantizer, model.is_quantized = None, False
+        model.config.__dict__.pop("quantization_config", None)
         return model.eval(), tokenizer
     if not (path / "config.json").is_file():
         raise FileNotFoundError(

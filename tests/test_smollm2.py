@@ -25,6 +25,14 @@ def test_builtin_model_is_smollm2(smollm2):
     assert config.vocab_size == 49152 and tokenizer.decode(tokenizer("Paris")["input_ids"]) == "Paris"
 
 
+def test_gguf_model_is_a_plain_float_model(smollm2):
+    """transformers dequantizes GGUF but leaves its quantizer attached; ours is detached, so dtype casts
+    work (merge_dense(...).float() in bench/reproduce.py) and no stale quantization_config is saved."""
+    model = copy.deepcopy(smollm2[0])
+    assert model.half().float().dtype == torch.float32
+    assert not hasattr(model.config, "quantization_config")
+
+
 def _shapes(model):
     return [(m.out_features, m.in_features) for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in DEFAULT_TARGETS]
