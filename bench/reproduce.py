@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -36,13 +37,24 @@ from lowbit_ft import BlockLayout, quantize_model
 from lowbit_ft.adapters import merge, merge_dense
 from lowbit_ft.convert import dequantize_model
 from lowbit_ft.data import InstructionDataModule, read_records
-from lowbit_ft.evaluate import evaluate_task, perplexity
+from lowbit_ft.evaluate import evaluate_task, perplexity, read_task
 from lowbit_ft.loading import load_model
 from lowbit_ft.module import LowBitModule
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("science_qa", "goal_step_wikihow", "winogrande")  # the sets that separate models at 135M
+FAMILIES = ("base", "lora", "qa_lora", "qa_hira", "q_bara")  # row groups --only picks from
 METRIC = "acc"  # summed log-likelihood, the shared data README's headline column
+
+
+class LossLog(L.Callback):
+    """The training loss of every step, to tell an under-trained adapter from a weak method."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(round(float(trainer.callback_metrics["train/loss"]), 4))
 
 
 class GivenBase(LowBitModule):
@@ -69,7 +81,8 @@ class Reproduction:
         self.out = Path(args.output)
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows_path = self.out / "rows.jsonl"
-        config = {k: v for k, v in vars(args).items() if k != "output"}
+        # --only picks rows, it changes none: runs that differ only in it share a rows file
+        config = {k: v for k, v in vars(args).items() if k not in ("output", "only")}
         config_path = self.out / "config.json"
         if self.rows_path.exists() and json.loads(config_path.read_text()) != config:
             raise SystemExit(f"{self.out} holds rows of a run with other settings; choose another --output")
@@ -83,8 +96,7 @@ class Reproduction:
         # the tail of the order is never trained on and gives held-out perplexity text
         random.Random(args.seed).shuffle(order)
         self.train_records = args.steps * args.batch_size
-        held_out = order[self.train_records:][-args.perplexity_samples:]
-        self.ppl_texts = [record_text(records[i]) for i in held_out]
+        self.ppl_records = [records[i] for i in order[self.train_records:][-args.perplexity_samples:]]
         calibration_text = "\n\n".join(record_text(records[i]) for i in order[: self.train_records])
         ids = self.tokenizer(calibration_text, add_special_tokens=False)["input_ids"]
         need = args.calibration_samples * args.calibration_length
@@ -92,6 +104,7 @@ class Reproduction:
         self.calibration = torch.tensor(ids).reshape(args.calibration_samples, args.calibration_length)
         self.gptq_bases: dict[tuple, nn.Module] = {}
         self.lora_fp16: nn.Module | None = None
+        self.losses: dict[str, list[float]] = {}  # adapter run → its per-step training loss
 
     # --- building blocks ------------------------------------------------------------------------
     def done(self, method: str, bits: int) -> bool:
@@ -104,7 +117,8 @@ class Reproduction:
                                                   calibration=self.calibration)
         return copy.deepcopy(self.gptq_bases[key])
 
-    def train(self, base: nn.Module, adapter: str) -> nn.Module:
+    def train(self, base: nn.Module, adapter: str, run: str) -> nn.Module:
+        """Fine-tune `adapter` on `base`; the per-step losses are kept under `run` for the rows."""
         a = self.args
         L.seed_everything(a.seed, verbose=False)
         module = GivenBase(base=a.model, adapter=adapter, r=a.r, alpha=a.alpha, lr=a.lr, warmup_steps=a.warmup)
@@ -114,8 +128,9 @@ class Reproduction:
                                      limit=self.train_records)
         trainer = L.Trainer(max_steps=a.steps, devices=1, gradient_clip_val=0.3, limit_val_batches=0,
                             num_sanity_val_steps=0, enable_checkpointing=False, logger=False,
-                            enable_model_summary=False, enable_progress_bar=not a.smoke)
+                            enable_model_summary=False, enable_progress_bar=not a.smoke, callbacks=[log := LossLog()])
         trainer.fit(module, datamodule=data)
+        self.losses[run] = log.losses
         return module.model.eval()
 
     def score(self, model: nn.Module) -> dict:
@@ -127,7 +142,9 @@ class Reproduction:
         for task in a.tasks:
             path = Path(a.eval_data) / f"{task}.jsonl"
             tasks[task] = evaluate_task(model, self.tokenizer, path, a.limit or None, predictions=True)
-        return {"tasks": tasks, "perplexity": perplexity(model, self.tokenizer, self.ppl_texts, a.max_length)}
+        ppl = perplexity(model, self.tokenizer, self.ppl_records, a.max_length)
+        return {"tasks": tasks, "perplexity": ppl["response"], "text_perplexity": ppl["text"],
+                "perplexity_records": ppl["records"]}
 
     def add(self, method: str, bits: int, model: nn.Module, started: float, **extra) -> dict:
         row = {"method": method, "bits": bits, **self.score(model), **extra,
@@ -142,7 +159,7 @@ class Reproduction:
     def lora_merged(self) -> nn.Module:
         """LoRA trained on the GPTQ INT4 base and merged into dense fp16 weights (QLoRA's deployment)."""
         if self.lora_fp16 is None:
-            trained = self.train(self.gptq_base(BlockLayout.group(4, self.args.group_size)), "lora")
+            trained = self.train(self.gptq_base(BlockLayout.group(4, self.args.group_size)), "lora", "lora")
             self.lora_fp16 = merge_dense(trained, torch.float16).float()  # fp16 values, float32 math
         return self.lora_fp16
 
@@ -150,35 +167,38 @@ class Reproduction:
     def run(self) -> None:
         a = self.args
         started = time.perf_counter()
-        if not self.done("16-bit base", 16):
+        wanted = set(a.only)
+        if "base" in wanted and not self.done("16-bit base", 16):
             self.add("16-bit base", 16, self.fp_model, started)
-        if not self.done("LoRA, merged fp16", 16):
-            self.add("LoRA, merged fp16", 16, self.lora_merged(), time.perf_counter())
+        if "lora" in wanted and not self.done("LoRA, merged fp16", 16):
+            self.add("LoRA, merged fp16", 16, self.lora_merged(), time.perf_counter(), train_loss=self.losses["lora"])
         for bits in a.bits:
             group, blocks = BlockLayout.group(bits, a.group_size), BlockLayout(bits, *a.hira_block)
             t = time.perf_counter()
-            if not self.done("GPTQ base", bits):
+            if "base" in wanted and not self.done("GPTQ base", bits):
                 self.add("GPTQ base", bits, self.gptq_base(group), t)
-            for ptq in ("rtn", "gptq"):
+            for ptq in ("rtn", "gptq") if "lora" in wanted else ():
                 method, t = f"LoRA + {ptq.upper()}", time.perf_counter()
                 if not self.done(method, bits):
                     calibration = self.calibration.to(device_of(self.lora_merged())) if ptq == "gptq" else None
                     quantized = quantize_model(copy.deepcopy(self.lora_merged()), group, ptq, calibration=calibration)
-                    self.add(method, bits, quantized, t)
+                    self.add(method, bits, quantized, t, train_loss=self.losses.get("lora"))
             for adapter, name, layout in (("qa_lora", "QA-LoRA", group), ("qa_hira", "QA-HiRA", blocks)):
                 t = time.perf_counter()
-                if self.done(f"{name}, merged", bits) and self.done(f"{name}, adapter-on", bits):
+                if adapter not in wanted or (self.done(f"{name}, merged", bits)
+                                             and self.done(f"{name}, adapter-on", bits)):
                     continue
-                trained = self.train(self.gptq_base(layout), adapter)
-                on = self.add(f"{name}, adapter-on", bits, trained, t)
+                trained = self.train(self.gptq_base(layout), adapter, f"{adapter}{bits}")
+                on = self.add(f"{name}, adapter-on", bits, trained, t, train_loss=self.losses[f"{adapter}{bits}"])
                 merged = self.add(f"{name}, merged", bits, merge(trained), time.perf_counter())
                 same = {task: on["tasks"][task]["predictions"] == merged["tasks"][task]["predictions"]
                         for task in a.tasks}
                 print(f"    merged picks the same answer as adapter-on on every item: {same}", flush=True)
             t = time.perf_counter()
-            if not self.done("Q-BaRA, merged fp16", bits):
-                trained = self.train(self.gptq_base(group), "q_bara")
-                self.add("Q-BaRA, merged fp16", bits, merge_dense(trained, torch.float16).float(), t)
+            if "q_bara" in wanted and not self.done("Q-BaRA, merged fp16", bits):
+                trained = self.train(self.gptq_base(group), "q_bara", f"q_bara{bits}")
+                self.add("Q-BaRA, merged fp16", bits, merge_dense(trained, torch.float16).float(), t,
+                         train_loss=self.losses[f"q_bara{bits}"])
         write_report(self.rows, a, self.out)
         print(f"done in {(time.perf_counter() - started) / 60:.1f} min: {self.out / 'results.md'}")
 
@@ -187,17 +207,84 @@ def value_of(row: dict, key: str) -> float:
     return row["perplexity"] if key == "perplexity" else row["tasks"][key][METRIC]
 
 
+def merge_lines(rows: list[dict], tasks: list[str]) -> list[str]:
+    """Merged vs adapter-on, item by item: the exact merge must pick the same answer everywhere."""
+    by_key = {(r["method"], r["bits"]): r for r in rows}
+    lines = ["| merged vs adapter-on | bits | " + " | ".join(f"{t} same picks" for t in tasks) + " | ppl rel. diff |",
+             "|" + "---|" * (len(tasks) + 3)]
+    for (method, bits), on in by_key.items():
+        merged = by_key.get((method.replace("adapter-on", "merged"), bits))
+        if "adapter-on" not in method or merged is None:
+            continue
+        same = [sum(a == b for a, b in zip(on["tasks"][t]["predictions"], merged["tasks"][t]["predictions"],
+                                           strict=True)) for t in tasks]
+        cells = " | ".join(f"{k}/{on['tasks'][t]['n']}" for k, t in zip(same, tasks, strict=True))
+        diff = abs(merged["perplexity"] - on["perplexity"]) / on["perplexity"]
+        lines.append(f"| {method.split(',')[0]} | {bits} | {cells} | {diff:.1e} |")
+    return [*lines, ""] if len(lines) > 2 else []
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign (McNemar) test p-value of `wins` against `losses` discordant items."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_lines(rows: list[dict], gold: dict[str, list[int]], baseline: str = "LoRA + GPTQ") -> list[str]:
+    """Each merged low-bit method against the PTQ baseline on the same items, all tasks pooled: the
+    items only one of the two gets right, and whether that split could be chance (n = 100 a task moves
+    accuracy by ±0.05 on noise alone)."""
+    by_key = {(r["method"], r["bits"]): r for r in rows}
+    lines = [f"| vs {baseline} | bits | only method right | only baseline right | sign-test p |",
+             "|---|---|---|---|---|"]
+    for (method, bits), row in by_key.items():
+        base = by_key.get((baseline, bits))
+        if base is None or method == baseline or not (method.endswith("merged") or method == "GPTQ base"):
+            continue
+        wins = losses = 0
+        for t, answers in gold.items():
+            for mine, theirs, right in zip(row["tasks"][t]["predictions"], base["tasks"][t]["predictions"], answers,
+                                           strict=True):
+                wins += mine == right and theirs != right
+                losses += theirs == right and mine != right
+        lines.append(f"| {method} | {bits} | {wins} | {losses} | {sign_test(wins, losses):.2f} |")
+    return [*lines, ""] if len(lines) > 2 else []
+
+
+def loss_lines(rows: list[dict]) -> list[str]:
+    """Training loss, mean of the first and of the last five steps, of every fine-tuning run (the LoRA
+    run on the INT4 base is shared by all the LoRA rows)."""
+    lines = ["| fine-tuning run | base bits | loss, first 5 steps | loss, last 5 steps |", "|---|---|---|---|"]
+    seen = set()
+    for row in rows:
+        losses = row.get("train_loss")
+        lora = row["method"].startswith("LoRA")
+        key = ("LoRA", 4) if lora else (row["method"].split(",")[0], row["bits"])
+        if losses and key not in seen:
+            seen.add(key)
+            lines.append(f"| {key[0]} | {key[1]} | {sum(losses[:5]) / len(losses[:5]):.3f} | "
+                         f"{sum(losses[-5:]) / len(losses[-5:]):.3f} |")
+    return [*lines, ""] if len(lines) > 2 else []
+
+
 def write_report(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
     """results.md (the table) and accuracy_vs_bits.png (one panel per task plus perplexity)."""
     tasks = list(args.tasks)
-    header = "| method | bits | " + " | ".join(tasks) + " | held-out ppl |"
+    header = "| method | bits | " + " | ".join(tasks) + " | held-out response ppl |"
     lines = [header, "|" + "---|" * (len(tasks) + 3)]
     chance = "| chance | | " + " | ".join(f"{rows[0]['tasks'][t]['chance']:.3f}" for t in tasks) + " | |"
     for row in rows:
         accs = " | ".join(f"{row['tasks'][t][METRIC]:.3f}" for t in tasks)
         lines.append(f"| {row['method']} | {row['bits']} | {accs} | {row['perplexity']:.2f} |")
     n = ", ".join(f"{t} n={rows[0]['tasks'][t]['n']}" for t in tasks)
-    (out / "results.md").write_text("\n".join([*lines, chance, "", f"Accuracy by summed log-likelihood ({n}).", ""]))
+    gold = {t: [item["answer"] for item in read_task(Path(args.eval_data) / f"{t}.jsonl")][: rows[0]["tasks"][t]["n"]]
+            for t in tasks}
+    text = [*lines, chance, "", f"Accuracy by summed log-likelihood ({n}).", "", *merge_lines(rows, tasks),
+            *paired_lines(rows, gold), *loss_lines(rows)]
+    (out / "results.md").write_text("\n".join(text))
     try:
         import matplotlib
     except ImportError:
@@ -246,9 +333,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator (scale alpha / r)")
     parser.add_argument("--seed", type=int, default=42, help="seed of data order, adapter init and dropout")
     parser.add_argument("--limit", type=int, default=100, help="items scored per task (0: all)")
-    parser.add_argument("--perplexity-samples", type=int, default=16, help="held-out records for perplexity")
+    parser.add_argument("--perplexity-samples", type=int, default=100,
+                        help="held-out records for perplexity (of their responses, as the training loss)")
     parser.add_argument("--calibration-samples", type=int, default=16, help="GPTQ calibration sequences")
     parser.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration sequence")
+    parser.add_argument("--only", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                        help="rows to run: base (16-bit and GPTQ bases), lora (LoRA merged fp16, + RTN, + GPTQ), "
+                             "qa_lora, qa_hira, q_bara (adapter-on and merged)")
     parser.add_argument("--output", default="docs/results", help="folder for rows.jsonl, results.md and the plot")
     parser.add_argument("--smoke", action="store_true", help="a tiny random LLaMA and 2 items per task")
     return parser.parse_args(argv)

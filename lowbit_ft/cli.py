@@ -6,6 +6,7 @@ import inspect
 import sys
 from argparse import ArgumentError
 from pathlib import Path
+from typing import Literal
 
 import torch
 from jsonargparse import CLI
@@ -168,7 +169,8 @@ def load_for_eval(model: str, dequantize: bool = False):
 
 
 def evaluate(model: str, data: list[str], output: Path | None = None, limit: int | None = None,
-             perplexity_data: Path | None = None, perplexity_samples: int = 200, dequantize: bool = False) -> dict:
+             perplexity_data: Path | None = None, perplexity_samples: int = 200, max_length: int = 512,
+             template: Literal["alpaca", "chat"] = "alpaca", dequantize: bool = False) -> dict:
     """Score a model on local multiple-choice tasks (log-likelihood) and, optionally, perplexity.
 
     Args:
@@ -177,8 +179,11 @@ def evaluate(model: str, data: list[str], output: Path | None = None, limit: int
         data: JSONL task files of {question, choices, answer} (e.g. ../shared/data/eval_dev/*.jsonl).
         output: write the results as JSON here (refused if it exists).
         limit: score only the first N items of each file.
-        perplexity_data: an Alpaca .json/.jsonl file whose records' full text gives perplexity.
+        perplexity_data: an Alpaca .json/.jsonl file of held-out records: perplexity of their responses
+            (what fine-tuning trains, as training's val/perplexity) and of their full text.
         perplexity_samples: records used for perplexity (the first N).
+        max_length: tokens per perplexity record (as data.max_length in training; longer ones are truncated).
+        template: the prompt template the model was fine-tuned with (as data.template).
         dequantize: dequantize the packed weights once, to float32, before scoring: the same function,
             several times faster on a CPU (whose torch path dequantizes on every forward), 4-8× the memory.
     """
@@ -192,9 +197,9 @@ def evaluate(model: str, data: list[str], output: Path | None = None, limit: int
               f"per-char {scores['acc_per_char']:.3f}   chance {scores['chance']:.3f}   n {scores['n']}")
     if perplexity_data is not None:
         records = read_records(str(perplexity_data))[:perplexity_samples]
-        texts = [f"{r['instruction']}\n{r.get('input') or ''}\n{r['output']}" for r in records]
-        results["perplexity"] = perplexity(lm, tokenizer, texts)
-        print(f"{'perplexity':<22} {results['perplexity']:.2f}   ({len(texts)} records of {perplexity_data})")
+        results["perplexity"] = ppl = perplexity(lm, tokenizer, records, max_length, template)
+        print(f"{'perplexity':<22} response {ppl['response']:.2f}   full text {ppl['text']:.2f}   "
+              f"({ppl['records']} records of {perplexity_data})")
     if output is not None:
         write_json(output, results)
     return results

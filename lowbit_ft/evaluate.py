@@ -8,11 +8,14 @@ accuracy is reported for the sum, per token and per character, with chance = mea
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from lowbit_ft.data import IGNORE_INDEX, tokenize
 
 
 def read_task(path: str | Path) -> list[dict]:
@@ -93,15 +96,33 @@ def evaluate_task(model: nn.Module, tokenizer, path: str | Path, limit: int | No
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer, texts: list[str], max_length: int = 512) -> float:
-    """Token-weighted perplexity of the texts (each truncated to max_length tokens)."""
-    total, count = 0.0, 0
+def perplexity(model: nn.Module, tokenizer, records: list[dict], max_length: int = 512,
+               template: str = "alpaca") -> dict:
+    """Perplexity of Alpaca records, laid out as in training (`lowbit_ft.data.tokenize`: prompt template,
+    BOS, EOS, truncation to max_length), token-weighted over all records.
+
+    `response` covers the response tokens only — the tokens fine-tuning is trained on, the same figure as
+    training's val/perplexity; `text` covers every token after the first (prompt included). Records whose
+    prompt fills max_length have no response token and are skipped (`records` counts those used)."""
     device = next(model.parameters()).device
-    for text in texts:
-        ids = torch.tensor(tokenizer(text)["input_ids"][:max_length], device=device)[None]
-        if ids.shape[1] < 2:
+    sums = {"response": 0.0, "text": 0.0}
+    counts = {"response": 0, "text": 0}
+    used = 0
+    for record in records:
+        example = tokenize(record, tokenizer, template, max_length)
+        ids = torch.tensor(example["input_ids"], device=device)
+        labels = torch.tensor(example["labels"], device=device)[1:]
+        if len(ids) < 2 or bool((labels == IGNORE_INDEX).all()):
             continue
-        logits = model(input_ids=ids).logits.float()
-        total += nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
-        count += ids.shape[1] - 1
-    return float(torch.exp(torch.tensor(total / max(count, 1))))
+        used += 1
+        losses = nn.functional.cross_entropy(model(input_ids=ids[None]).logits[0, :-1].float(), ids[1:],
+                                             reduction="none")
+        response = labels != IGNORE_INDEX
+        sums["response"] += losses[response].sum().item()
+        counts["response"] += int(response.sum())
+        sums["text"] += losses.sum().item()
+        counts["text"] += len(losses)
+    if not used:
+        raise ValueError(f"perplexity: none of the {len(records)} records has a response token within "
+                         f"max_length={max_length}")
+    return {**{k: math.exp(sums[k] / counts[k]) for k in sums}, "records": used, "response_tokens": counts["response"]}

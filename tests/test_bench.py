@@ -37,6 +37,10 @@ def test_reproduce_smoke(tmp_path):
             for task, scores in on["tasks"].items():
                 assert scores["predictions"] == merged["tasks"][task]["predictions"]
             assert merged["perplexity"] == pytest.approx(on["perplexity"], rel=1e-4)
-    table = (tmp_path / "run" / "results.md").read_text()
+    report = (tmp_path / "run" / "results.md").read_text()
+    table, _, rest = report.partition("\n\n")
     assert table.startswith("| method | bits |") and table.count("\n| ") == len(rows) + 1  # rows + chance
+    merge_table = rest.split("| merged vs adapter-on |")[1].split("\n\n")[0].splitlines()[2:]
+    assert len(merge_table) == 6 and all(line.count("2/2") == 3 for line in merge_table)  # every item, every task
+    assert "| vs LoRA + GPTQ |" in rest and "| LoRA | 4 |" in rest and "| Q-BaRA | 2 |" in rest
     assert (tmp_path / "run" / "accuracy_vs_bits.png").stat().st_size > 10_000

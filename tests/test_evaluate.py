@@ -1,11 +1,13 @@
 """Log-likelihood scoring against a brute-force recomputation, on hand-made task files."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from lowbit_ft.cli import main
+from lowbit_ft.data import tokenize
 from lowbit_ft.evaluate import choice_logprobs, evaluate_task, perplexity, read_task
 from lowbit_ft.loading import load_model
 
@@ -54,12 +56,29 @@ def test_known_answers_score_one_and_zero(lm, tmp_path):
 
 
 def test_perplexity_is_the_exponentiated_token_loss(lm):
+    """Response and full-text perplexity against the model's own loss on the training layout."""
     model, tokenizer = lm
-    text = "Plants need sunlight, water and air to make their food."
-    ids = torch.tensor([tokenizer(text)["input_ids"]])
-    with torch.no_grad():
-        loss = model(ids, labels=ids).loss.item()
-    assert perplexity(model, tokenizer, [text]) == pytest.approx(torch.exp(torch.tensor(loss)).item(), rel=1e-4)
+    records = [{"instruction": "Name what plants need.", "input": "", "output": "Sunlight, water and air."},
+               {"instruction": "Add the numbers.", "input": "2, 3", "output": "5"}]
+    losses = {"response": [], "text": []}
+    for record in records:
+        example = tokenize(record, tokenizer, "alpaca", 512)
+        ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
+        with torch.no_grad():  # HF's loss is the token mean: weight it back by the token counts
+            n_response, n_text = int((labels[0, 1:] != -100).sum()), ids.shape[1] - 1
+            losses["response"].append((model(ids, labels=labels).loss.item() * n_response, n_response))
+            losses["text"].append((model(ids, labels=ids).loss.item() * n_text, n_text))
+    ppl = perplexity(model, tokenizer, records)
+    for key, parts in losses.items():
+        expected = math.exp(sum(total for total, _ in parts) / sum(n for _, n in parts))
+        assert ppl[key] == pytest.approx(expected, rel=1e-4)
+    assert ppl["records"] == 2 and ppl["response"] != pytest.approx(ppl["text"], rel=1e-3)
+
+
+def test_perplexity_refuses_records_without_a_response_token(lm):
+    model, tokenizer = lm
+    with pytest.raises(ValueError, match="none of the 1 records has a response token within max_length=4"):
+        perplexity(model, tokenizer, [{"instruction": "A long instruction " * 5, "output": "x"}], max_length=4)
 
 
 def test_bad_task_file_refused(tmp_path):
@@ -74,10 +93,15 @@ def test_eval_command_writes_json(tiny_model_dir, tmp_path, capsys):
         path = tmp_path / f"{name}.jsonl"
         path.write_text("\n".join(json.dumps({**item, "answer": 0}) for item in ITEMS))
         paths += ["--data", str(path)]
-    main(["eval", "--model", str(tiny_model_dir), *paths, "--output", str(tmp_path / "r.json")])
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("\n".join(json.dumps({"instruction": f"Count to {i}.", "output": "1 2 3"}) for i in range(3)))
+    main(["eval", "--model", str(tiny_model_dir), *paths, "--perplexity_data", str(held_out),
+          "--perplexity_samples", "2", "--output", str(tmp_path / "r.json")])
     results = json.loads((tmp_path / "r.json").read_text())
     assert set(results["tasks"]) == {"a", "b"} and results["tasks"]["a"]["n"] == 2
-    assert "a                      acc" in capsys.readouterr().out
+    assert results["perplexity"]["records"] == 2 and results["perplexity"]["response"] > 1
+    out = capsys.readouterr().out
+    assert "a                      acc" in out and "perplexity             response" in out
 
 
 def test_results_json_is_never_overwritten(tmp_path):
