@@ -45,6 +45,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("science_qa", "goal_step_wikihow", "winogrande")  # the sets that separate models at 135M
 FAMILIES = ("base", "lora", "qa_lora", "qa_hira", "q_bara")  # row groups --only picks from
 METRIC = "acc"  # summed log-likelihood, the shared data README's headline column
+SCORES_VERSION = 2  # 2: perplexity of held-out responses (1: of the full text); rows of another version are not reused
 
 
 class LossLog(L.Callback):
@@ -83,6 +84,7 @@ class Reproduction:
         self.rows_path = self.out / "rows.jsonl"
         # --only picks rows, it changes none: runs that differ only in it share a rows file
         config = {k: v for k, v in vars(args).items() if k not in ("output", "only")}
+        config["scores"] = SCORES_VERSION
         config_path = self.out / "config.json"
         if self.rows_path.exists() and json.loads(config_path.read_text()) != config:
             raise SystemExit(f"{self.out} holds rows of a run with other settings; choose another --output")
@@ -97,6 +99,9 @@ class Reproduction:
         random.Random(args.seed).shuffle(order)
         self.train_records = args.steps * args.batch_size
         self.ppl_records = [records[i] for i in order[self.train_records:][-args.perplexity_samples:]]
+        if len(self.ppl_records) < args.perplexity_samples:
+            raise SystemExit(f"--perplexity-samples {args.perplexity_samples}: only {len(self.ppl_records)} records "
+                             "are left after the training ones (--steps × --batch-size); ask for fewer")
         calibration_text = "\n\n".join(record_text(records[i]) for i in order[: self.train_records])
         ids = self.tokenizer(calibration_text, add_special_tokens=False)["input_ids"]
         need = args.calibration_samples * args.calibration_length
@@ -104,7 +109,7 @@ class Reproduction:
         self.calibration = torch.tensor(ids).reshape(args.calibration_samples, args.calibration_length)
         self.gptq_bases: dict[tuple, nn.Module] = {}
         self.lora_fp16: nn.Module | None = None
-        self.losses: dict[str, list[float]] = {}  # adapter run → its per-step training loss
+        self.lora_losses: list[float] = []
 
     # --- building blocks ------------------------------------------------------------------------
     def done(self, method: str, bits: int) -> bool:
@@ -117,8 +122,8 @@ class Reproduction:
                                                   calibration=self.calibration)
         return copy.deepcopy(self.gptq_bases[key])
 
-    def train(self, base: nn.Module, adapter: str, run: str) -> nn.Module:
-        """Fine-tune `adapter` on `base`; the per-step losses are kept under `run` for the rows."""
+    def train(self, base: nn.Module, adapter: str) -> tuple[nn.Module, list[float]]:
+        """Fine-tune `adapter` on `base`: the trained model and its per-step training loss."""
         a = self.args
         L.seed_everything(a.seed, verbose=False)
         module = GivenBase(base=a.model, adapter=adapter, r=a.r, alpha=a.alpha, lr=a.lr, warmup_steps=a.warmup)
@@ -130,8 +135,7 @@ class Reproduction:
                             num_sanity_val_steps=0, enable_checkpointing=False, logger=False,
                             enable_model_summary=False, enable_progress_bar=not a.smoke, callbacks=[log := LossLog()])
         trainer.fit(module, datamodule=data)
-        self.losses[run] = log.losses
-        return module.model.eval()
+        return module.model.eval(), log.losses
 
     def score(self, model: nn.Module) -> dict:
         a = self.args
@@ -159,7 +163,7 @@ class Reproduction:
     def lora_merged(self) -> nn.Module:
         """LoRA trained on the GPTQ INT4 base and merged into dense fp16 weights (QLoRA's deployment)."""
         if self.lora_fp16 is None:
-            trained = self.train(self.gptq_base(BlockLayout.group(4, self.args.group_size)), "lora", "lora")
+            trained, self.lora_losses = self.train(self.gptq_base(BlockLayout.group(4, self.args.group_size)), "lora")
             self.lora_fp16 = merge_dense(trained, torch.float16).float()  # fp16 values, float32 math
         return self.lora_fp16
 
@@ -171,7 +175,8 @@ class Reproduction:
         if "base" in wanted and not self.done("16-bit base", 16):
             self.add("16-bit base", 16, self.fp_model, started)
         if "lora" in wanted and not self.done("LoRA, merged fp16", 16):
-            self.add("LoRA, merged fp16", 16, self.lora_merged(), time.perf_counter(), train_loss=self.losses["lora"])
+            t = time.perf_counter()
+            self.add("LoRA, merged fp16", 16, self.lora_merged(), t, train_loss=self.lora_losses)
         for bits in a.bits:
             group, blocks = BlockLayout.group(bits, a.group_size), BlockLayout(bits, *a.hira_block)
             t = time.perf_counter()
@@ -182,23 +187,23 @@ class Reproduction:
                 if not self.done(method, bits):
                     calibration = self.calibration.to(device_of(self.lora_merged())) if ptq == "gptq" else None
                     quantized = quantize_model(copy.deepcopy(self.lora_merged()), group, ptq, calibration=calibration)
-                    self.add(method, bits, quantized, t, train_loss=self.losses.get("lora"))
+                    self.add(method, bits, quantized, t, train_loss=self.lora_losses)
             for adapter, name, layout in (("qa_lora", "QA-LoRA", group), ("qa_hira", "QA-HiRA", blocks)):
                 t = time.perf_counter()
                 if adapter not in wanted or (self.done(f"{name}, merged", bits)
                                              and self.done(f"{name}, adapter-on", bits)):
                     continue
-                trained = self.train(self.gptq_base(layout), adapter, f"{adapter}{bits}")
-                on = self.add(f"{name}, adapter-on", bits, trained, t, train_loss=self.losses[f"{adapter}{bits}"])
+                trained, losses = self.train(self.gptq_base(layout), adapter)
+                on = self.add(f"{name}, adapter-on", bits, trained, t, train_loss=losses)
                 merged = self.add(f"{name}, merged", bits, merge(trained), time.perf_counter())
                 same = {task: on["tasks"][task]["predictions"] == merged["tasks"][task]["predictions"]
                         for task in a.tasks}
                 print(f"    merged picks the same answer as adapter-on on every item: {same}", flush=True)
             t = time.perf_counter()
             if "q_bara" in wanted and not self.done("Q-BaRA, merged fp16", bits):
-                trained = self.train(self.gptq_base(group), "q_bara", f"q_bara{bits}")
+                trained, losses = self.train(self.gptq_base(group), "q_bara")
                 self.add("Q-BaRA, merged fp16", bits, merge_dense(trained, torch.float16).float(), t,
-                         train_loss=self.losses[f"q_bara{bits}"])
+                         train_loss=losses)
         write_report(self.rows, a, self.out)
         print(f"done in {(time.perf_counter() - started) / 60:.1f} min: {self.out / 'results.md'}")
 
@@ -234,15 +239,15 @@ def sign_test(wins: int, losses: int) -> float:
 
 
 def paired_lines(rows: list[dict], gold: dict[str, list[int]], baseline: str = "LoRA + GPTQ") -> list[str]:
-    """Each merged low-bit method against the PTQ baseline on the same items, all tasks pooled: the
-    items only one of the two gets right, and whether that split could be chance (n = 100 a task moves
-    accuracy by ±0.05 on noise alone)."""
+    """Every deployable row (merged or base) against the PTQ baseline of the same bits on the same items,
+    all tasks pooled: the items only one of the two gets right, and whether that split could be chance
+    (at n = 100 a task, accuracy moves by about ±0.05 on noise alone)."""
     by_key = {(r["method"], r["bits"]): r for r in rows}
     lines = [f"| vs {baseline} | bits | only method right | only baseline right | sign-test p |",
              "|---|---|---|---|---|"]
     for (method, bits), row in by_key.items():
         base = by_key.get((baseline, bits))
-        if base is None or method == baseline or not (method.endswith("merged") or method == "GPTQ base"):
+        if base is None or method == baseline or "adapter-on" in method:
             continue
         wins = losses = 0
         for t, answers in gold.items():
@@ -308,7 +313,7 @@ def write_report(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
             ax.axhline(rows[0]["tasks"][key]["chance"], color="grey", linewidth=0.8, label="chance")
         ax.set_xticks(low_bit)
         ax.set_xlabel("bits")
-        ax.set_title(key if key == "perplexity" else f"{key} (acc)")
+        ax.set_title("held-out response perplexity" if key == "perplexity" else f"{key} (acc)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_bits.png", dpi=120)
@@ -342,7 +347,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "qa_lora, qa_hira, q_bara (adapter-on and merged)")
     parser.add_argument("--output", default="docs/results", help="folder for rows.jsonl, results.md and the plot")
     parser.add_argument("--smoke", action="store_true", help="a tiny random LLaMA and 2 items per task")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.perplexity_samples < 1:
+        parser.error("--perplexity-samples must be at least 1")
+    return args
 
 
 def smoke_setup(args: argparse.Namespace) -> None:

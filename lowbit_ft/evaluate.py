@@ -104,6 +104,8 @@ def perplexity(model: nn.Module, tokenizer, records: list[dict], max_length: int
     `response` covers the response tokens only — the tokens fine-tuning is trained on, the same figure as
     training's val/perplexity; `text` covers every token after the first (prompt included). Records whose
     prompt fills max_length have no response token and are skipped (`records` counts those used)."""
+    if not records:
+        raise ValueError("perplexity: no records given")
     device = next(model.parameters()).device
     sums = {"response": 0.0, "text": 0.0}
     counts = {"response": 0, "text": 0}
@@ -112,7 +114,7 @@ def perplexity(model: nn.Module, tokenizer, records: list[dict], max_length: int
         example = tokenize(record, tokenizer, template, max_length)
         ids = torch.tensor(example["input_ids"], device=device)
         labels = torch.tensor(example["labels"], device=device)[1:]
-        if len(ids) < 2 or bool((labels == IGNORE_INDEX).all()):
+        if bool((labels == IGNORE_INDEX).all()):
             continue
         used += 1
         losses = nn.functional.cross_entropy(model(input_ids=ids[None]).logits[0, :-1].float(), ids[1:],

@@ -44,3 +44,29 @@ def test_reproduce_smoke(tmp_path):
     assert len(merge_table) == 6 and all(line.count("2/2") == 3 for line in merge_table)  # every item, every task
     assert "| vs LoRA + GPTQ |" in rest and "| LoRA | 4 |" in rest and "| Q-BaRA | 2 |" in rest
     assert (tmp_path / "run" / "accuracy_vs_bits.png").stat().st_size > 10_000
+
+
+def load_reproduce():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce", BENCH / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sign_test_is_the_exact_binomial_tail():
+    sign_test = load_reproduce().sign_test
+    assert sign_test(0, 5) == 2 / 32 and sign_test(5, 0) == 2 / 32  # both tails, one split each
+    assert sign_test(1, 4) == 2 * 6 / 32 and sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0
+
+
+def test_paired_table_counts_the_items_only_one_side_gets_right():
+    paired_lines = load_reproduce().paired_lines
+    gold = {"t": [0, 1, 1, 0, 1]}
+    row = lambda method, picks: {"method": method, "bits": 3, "tasks": {"t": {"predictions": picks}}}  # noqa: E731
+    rows = [row("LoRA + GPTQ", [0, 0, 0, 1, 1]), row("QA-LoRA, adapter-on", [0, 1, 1, 0, 1]),
+            row("QA-LoRA, merged", [0, 1, 1, 0, 0])]
+    lines = paired_lines(rows, gold)
+    # merged vs baseline: items 1, 2, 3 only merged right; item 4 only baseline right; adapter-on rows skipped
+    assert lines[2:] == [f"| QA-LoRA, merged | 3 | 3 | 1 | {2 * 5 / 16:.2f} |", ""]
