@@ -83,7 +83,7 @@ class Reproduction:
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows_path = self.out / "rows.jsonl"
         # --only picks rows, it changes none: runs that differ only in it share a rows file
-        config = {k: v for k, v in vars(args).items() if k not in ("output", "only")}
+        config = {k: v for k, v in vars(args).items() if k not in ("output", "only", "report_only")}
         config["scores"] = SCORES_VERSION
         config_path = self.out / "config.json"
         if self.rows_path.exists() and json.loads(config_path.read_text()) != config:
@@ -346,6 +346,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="rows to run: base (16-bit and GPTQ bases), lora (LoRA merged fp16, + RTN, + GPTQ), "
                              "qa_lora, qa_hira, q_bara (adapter-on and merged)")
     parser.add_argument("--output", default="docs/results", help="folder for rows.jsonl, results.md and the plot")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite results.md and the plot from OUTPUT/rows.jsonl (same task/eval flags)")
     parser.add_argument("--smoke", action="store_true", help="a tiny random LLaMA and 2 items per task")
     args = parser.parse_args(argv)
     if args.perplexity_samples < 1:
@@ -384,6 +386,12 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     if args.smoke:
         smoke_setup(args)
+    if args.report_only:  # e.g. after an interrupted run: the table and plot of the rows so far
+        rows_path = Path(args.output) / "rows.jsonl"
+        if not rows_path.exists():
+            raise SystemExit(f"--report-only: {rows_path} does not exist; run without --report-only first")
+        write_report([json.loads(line) for line in rows_path.open()], args, Path(args.output))
+        return
     print(f"torch {torch.__version__}, device: {'cuda' if torch.cuda.is_available() else 'cpu'}", flush=True)
     Reproduction(args).run()
 

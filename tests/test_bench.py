@@ -44,6 +44,11 @@ def test_reproduce_smoke(tmp_path):
     assert len(merge_table) == 6 and all(line.count("2/2") == 3 for line in merge_table)  # every item, every task
     assert "| vs LoRA + GPTQ |" in rest and "| LoRA | 4 |" in rest and "| Q-BaRA | 2 |" in rest
     assert (tmp_path / "run" / "accuracy_vs_bits.png").stat().st_size > 10_000
+    (tmp_path / "run" / "results.md").unlink()  # --report-only rebuilds the same report from the rows alone
+    again = subprocess.run([sys.executable, str(BENCH / "reproduce.py"), "--smoke", "--report-only", "--output",
+                            str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "run" / "results.md").read_text() == report
 
 
 def load_reproduce():
