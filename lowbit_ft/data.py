@@ -111,6 +111,11 @@ def tokenize(record: dict, tokenizer, template: str, max_length: int) -> dict[st
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 
+def has_response(example: dict) -> bool:
+    """Whether truncation left at least one response token to learn from (or to score)."""
+    return any(label != IGNORE_INDEX for label in example["labels"])
+
+
 def pack(examples: list[dict], max_length: int) -> list[dict]:
     """Concatenate examples into max_length blocks (each keeps its own prompt mask)."""
     ids, labels, blocks = [], [], []
@@ -210,7 +215,7 @@ class InstructionDataModule(L.LightningDataModule):
             order = order[: h.limit]
         examples = [tokenize(records[i], tokenizer, h.template, h.max_length) for i in order]
         # a prompt longer than max_length leaves no response token to learn from: such rows are dropped
-        kept = [ex for ex in examples if any(label != IGNORE_INDEX for label in ex["labels"])]
+        kept = [ex for ex in examples if has_response(ex)]
         if len(kept) < len(examples):
             log.warning("dropped %d of %d examples whose prompt fills data.max_length=%d", len(examples) - len(kept),
                         len(examples), h.max_length)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit_ft.data import IGNORE_INDEX, tokenize
+from lowbit_ft.data import IGNORE_INDEX, has_response, tokenize
 
 
 def read_task(path: str | Path) -> list[dict]:
@@ -112,10 +112,10 @@ def perplexity(model: nn.Module, tokenizer, records: list[dict], max_length: int
     used = 0
     for record in records:
         example = tokenize(record, tokenizer, template, max_length)
+        if not has_response(example):  # the prompt fills max_length (checked on the host, no device sync)
+            continue
         ids = torch.tensor(example["input_ids"], device=device)
         labels = torch.tensor(example["labels"], device=device)[1:]
-        if bool((labels == IGNORE_INDEX).all()):
-            continue
         used += 1
         losses = nn.functional.cross_entropy(model(input_ids=ids[None]).logits[0, :-1].float(), ids[1:],
                                              reduction="none")
