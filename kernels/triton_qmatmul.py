@@ -1,13 +1,21 @@
 """Triton kernels that read packed codes + scales + float zeros and never write a dequantized weight
 to global memory: each program dequantizes the (BLOCK_N × BLOCK_K) weight tile it needs in registers.
 
-    qmatmul    y = x · dequant(W)ᵀ      training / prefill sizes (tl.dot on dequantized tiles)
-    qmatmul_t  g · dequant(W)           the input gradient (loops over N instead of K)
-    qgemv      y = x · dequant(W)ᵀ      decode, M ≤ 16: no tensor-core padding, a reduction per tile
+    qmatmul    y = x · dequant(W)ᵀ      M ≥ 2: tensor-core GEMM (bf16/fp16 in, fp32 accumulate);
+                                        split-K for decode-sized M so small batches still fill the GPU
+    qmatmul_t  g · dequant(W)           the input gradient: the same packed words, no transposed copy
+    qgemv      y = x · dequant(W)ᵀ      M = 1: split-K reduction on the CUDA cores
 
-Bits 2/3/4/8 (3-bit codes straddle words: a second word is read only for those lanes), any block
-layout (bo, bi). Autotuned on CUDA; under TRITON_INTERPRET=1 (CPU tests) one small fixed config runs.
-Import this module only through `lowbit_ft.kernels`' dispatch.
+How a tile is read (the part that decides speed, see bench/kernel_report.py):
+- each int32 word of codes is loaded once, as part of a contiguous run along K (64/128-bit loads),
+  and its 32/b codes are unpacked in registers by shifts; 3-bit codes straddle words, so a run of 64
+  codes is read as three int64 words (192 bits) and unpacked from those;
+- each block's scale and zero are loaded once per tile (one per row when the tile lies inside a block,
+  BLOCK_K / block_in per row otherwise) and broadcast over the block's codes.
+Bits 2/3/4/8, any block_out, power-of-two block_in (`triton_supports`; the dispatch sends other layouts
+to the reference).
+Autotuned on CUDA over configs pruned per M bucket; under TRITON_INTERPRET=1 (CPU tests) one small
+fixed config runs. Import this module only through `lowbit_ft.kernels`' dispatch.
 """
 
 from __future__ import annotations
@@ -21,50 +29,93 @@ import triton.language as tl
 from lowbit_ft.kernels.protocol import PackedWeight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-GEMV_MAX_M = 16
+MIN_BLOCK_K = 64  # 3-bit tiles hold whole 64-code (6-word) runs
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, rk, N, K, words_per_row, blocks_per_row,
-                  BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
-    """W[rn, rk] = s · (Q − z) as a float32 (len(rn) × len(rk)) tile; zero outside the matrix."""
-    mask = (rn[:, None] < N) & (rk[None, :] < K)
-    start = rk * BITS
-    word = start // 32
-    offset = (start % 32).to(tl.uint32)
-    row = rn[:, None].to(tl.int64) * words_per_row
-    low = tl.load(qw_ptr + row + word[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
-    codes = low >> offset[None, :]
-    if BITS == 3:  # a code at bit offset 30 or 31 continues in the next word
-        spill = (offset + BITS) > 32
-        high = tl.load(qw_ptr + row + word[None, :] + 1, mask=mask & spill[None, :], other=0)
-        high = high.to(tl.uint32, bitcast=True) << ((32 - offset) % 32)[None, :]
-        codes = codes | tl.where(spill[None, :], high, 0)
-    q = (codes & ((1 << BITS) - 1)).to(tl.float32)
-    block = (rn // BO)[:, None].to(tl.int64) * blocks_per_row + (rk // BI)[None, :]
-    s = tl.load(s_ptr + block, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + block, mask=mask, other=0.0).to(tl.float32)
-    return (q - z) * s
+def _load_codes(qw_ptr, rn, k0, N, words_per_row, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Codes Q[rn, k0 : k0 + BLOCK_K] as an int32 (BLOCK_N, BLOCK_K) tile; 0 outside the matrix.
+    k0 is a multiple of BLOCK_K, which is a multiple of 64."""
+    row = qw_ptr + rn[:, None].to(tl.int64) * words_per_row
+    row_ok = rn[:, None] < N
+    if BITS == 3:
+        # 64 codes = 192 bits = three int64 words (a row holds whole runs: in % 64 == 0, see triton_supports).
+        # Code j sits at bits 3j … 3j + 2 of the run; codes 21 and 42 straddle two of the int64 words.
+        RUNS: tl.constexpr = BLOCK_K // 64
+        run = k0 // 64 + tl.arange(0, RUNS)[None, :]
+        ptr = qw_ptr.to(tl.pointer_type(tl.int64)) + rn[:, None].to(tl.int64) * (words_per_row // 2) + run * 3
+        ok = row_ok & (run * 6 < words_per_row)
+        p0 = tl.load(ptr, mask=ok, other=0).to(tl.uint64, bitcast=True)[:, :, None]
+        p1 = tl.load(ptr + 1, mask=ok, other=0).to(tl.uint64, bitcast=True)[:, :, None]
+        p2 = tl.load(ptr + 2, mask=ok, other=0).to(tl.uint64, bitcast=True)[:, :, None]
+        j = tl.arange(0, 64)[None, None, :]
+        part = (j * 3) // 64
+        low = tl.where(part == 0, p0, tl.where(part == 1, p1, p2)) >> ((j * 3) % 64).to(tl.uint64)
+        high = tl.where(j == 21, p1 << 1, tl.where(j == 42, p2 << 2, 0))
+        codes = ((low | high) & 7).to(tl.int32)
+        return tl.reshape(codes, (BLOCK_N, BLOCK_K))
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        WORDS: tl.constexpr = BLOCK_K // PER_WORD
+        word = k0 // PER_WORD + tl.arange(0, WORDS)[None, :]
+        words = tl.load(row + word, mask=row_ok & (word < words_per_row), other=0)
+        shift = tl.arange(0, PER_WORD) * BITS
+        codes = (words[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)  # the mask drops sign bits
+        return tl.reshape(codes, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, k0, N, words_per_row, blocks_per_row, BITS: tl.constexpr,
+                  BO: tl.constexpr, BI: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[rn, k0 : k0 + BLOCK_K] = s · (Q − z) as a float32 (BLOCK_N, BLOCK_K) tile."""
+    codes = _load_codes(qw_ptr, rn, k0, N, words_per_row, BITS, BLOCK_N, BLOCK_K).to(tl.float32)
+    BLOCKS: tl.constexpr = BLOCK_K // BI if BLOCK_K > BI else 1  # blocks of a row inside the tile
+    col = k0 // BI + tl.arange(0, BLOCKS)[None, :]
+    block = (rn // BO)[:, None].to(tl.int64) * blocks_per_row + col
+    ok = (rn[:, None] < N) & (col < blocks_per_row)
+    s = tl.load(s_ptr + block, mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + block, mask=ok, other=0.0).to(tl.float32)
+    if BLOCKS == 1:  # the tile lies inside one block per row: broadcast (BLOCK_N, 1)
+        return (codes - z) * s
+    else:
+        per_block = tl.reshape(codes, (BLOCK_N, BLOCKS, BLOCK_K // BLOCKS))
+        w = (per_block - z[:, :, None]) * s[:, :, None]
+        return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _k_range(K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's share [start, stop) of K: whole BLOCK_K tiles, split SPLIT_K ways."""
+    span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    start = tl.program_id(2) * span
+    return start, tl.minimum(start + span, K)
 
 
 @triton.jit
 def _qmatmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, stride_xm, stride_ym, words_per_row,
                     blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, F32_DOT: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start, stop = _k_range(K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(start, stop, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :],
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, rk, N, K, words_per_row, blocks_per_row, BITS, BO, BI)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, k0, N, words_per_row, blocks_per_row, BITS, BO, BI,
+                          BLOCK_N, BLOCK_K)
         if F32_DOT:
             acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    out = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:  # the caller zeroed y
+        tl.atomic_add(out, acc.to(y_ptr.dtype.element_ty), mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -72,13 +123,15 @@ def _qmatmul_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, M_BUCKET, N, K, s
                       blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, F32_DOT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k0 = tl.program_id(1) * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(g_ptr + rm[:, None].to(tl.int64) * stride_gm + rn[None, :],
                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, rk, N, K, words_per_row, blocks_per_row, BITS, BO, BI)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, k0, N, words_per_row, blocks_per_row, BITS, BO, BI,
+                          BLOCK_N, BLOCK_K)
         if F32_DOT:
             acc += tl.dot(g.to(tl.float32), w, input_precision="ieee")
         else:
@@ -89,43 +142,96 @@ def _qmatmul_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, M_BUCKET, N, K, s
 
 @triton.jit
 def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, stride_xm, stride_ym, words_per_row,
-                  blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rm = tl.arange(0, BLOCK_M)
+                  blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, SPLIT_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # M = 1. Products accumulate elementwise in a (BLOCK_N, BLOCK_K) tile and are reduced across
+    # threads once, after the loop; a split-K grid gives decode enough programs to keep HBM busy.
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    start, stop = _k_range(K, SPLIT_K, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(start, stop, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
-                    other=0.0).to(tl.float32)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, rk, N, K, words_per_row, blocks_per_row, BITS, BO, BI)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+        x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, k0, N, words_per_row, blocks_per_row, BITS, BO, BI,
+                          BLOCK_N, BLOCK_K)
+        acc += w * x[None, :]
+    y = tl.sum(acc, axis=1)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+    else:  # the caller zeroed y
+        tl.atomic_add(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N, sem="relaxed")
 
 
-def _configs(names: tuple[str, ...], values: list[tuple]) -> list[triton.Config]:
-    return [triton.Config(dict(zip(names, v[:-2], strict=True)), num_warps=v[-2], num_stages=v[-1]) for v in values]
+def _config(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-_GEMM = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-_GEMM_CONFIGS = _configs(_GEMM, [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
-                                 (32, 64, 64, 4, 4), (16, 128, 64, 4, 4)])
-_GEMV_CONFIGS = _configs(("BLOCK_N", "BLOCK_K"), [(32, 128, 4, 3), (64, 64, 4, 3), (16, 256, 4, 2), (128, 32, 4, 3)])
-# M is bucketed (next power of two): training's variable sequence lengths must not re-tune every batch
+def _gemm(bm: int, bn: int, bk: int, warps: int, stages: int, split_k: int = 1) -> triton.Config:
+    return _config(warps, stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split_k)
+
+
+# Configs per M bucket (M rounded up to a power of two). Every config here compiles to 0 spilled bytes,
+# fits shared memory and reads packed words >= 64 bits at a time on sm_80 and sm_90a for every bits ×
+# layout: tests/test_kernel_static.py checks that, bench/kernel_report.py prints the full matrix.
+GEMM_CONFIGS: dict[str, list[triton.Config]] = {
+    # batched decode (M ≤ 16): one 16-row tensor-core tile, split-K so N / BLOCK_N programs are not too few
+    "small": [_gemm(16, 64, 128, 4, 3, split_k=4), _gemm(16, 128, 64, 4, 3, split_k=2)],
+    "medium": [_gemm(32, 64, 64, 4, 2), _gemm(64, 64, 64, 4, 3)],  # M ≤ 128
+    "large": [_gemm(128, 128, 64, 8, 3), _gemm(64, 128, 64, 8, 3)],
+}
+# the grad-input kernel has no split-K (its K axis is the output); M is the number of tokens
+GEMM_T_CONFIGS: dict[str, list[triton.Config]] = {
+    "small": [_config(4, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64), _config(4, 2, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)],
+    "medium": [_config(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64), _config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)],
+    "large": [_config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64), _config(8, 2, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)],
+}
+# M = 1, by code width: a 2-bit tile needs BLOCK_N × BLOCK_K ≥ 4096 codes to give each of 128 threads 64 bits
+# of words, while the 3-bit unpacker (three int64 words and their selects per 64-code run) spills above 2048
+GEMV_CONFIGS: dict[str, list[triton.Config]] = {
+    "2/4/8-bit": [_config(4, 2, BLOCK_N=16, BLOCK_K=256, SPLIT_K=2), _config(4, 2, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4)],
+    "3-bit": [_config(4, 3, BLOCK_N=16, BLOCK_K=128, SPLIT_K=8), _config(4, 3, BLOCK_N=16, BLOCK_K=128, SPLIT_K=4)],
+}
+
+
+def m_bucket(m: int) -> str:
+    """The GEMM config bucket for M tokens (autotuning keys on the next power of two of M, not on M)."""
+    return "small" if m <= 16 else "medium" if m <= 128 else "large"
+
+
+def gemv_bucket(bits: int) -> str:
+    return "3-bit" if bits == 3 else "2/4/8-bit"
+
+
+def _pruned(table: dict[str, list[triton.Config]], bucket_of):
+    """An early_config_prune that keeps the configs of one bucket of `table`."""
+    def prune(configs, named_args, **kwargs):
+        keep = table[bucket_of(named_args, kwargs)]
+        return [c for c in configs if c in keep]
+
+    return prune
+
+
 _KEY = ["M_BUCKET", "N", "K", "BITS", "BO", "BI"]
 
 if INTERPRET:  # the interpreter would "benchmark" every config: run one small one instead
-    _qmatmul = _qmatmul_kernel
-    _qmatmul_t = _qmatmul_t_kernel
-    _qgemv = _qgemv_kernel
-    _FIXED_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
-    _FIXED_GEMV = {"BLOCK_N": 32, "BLOCK_K": 32}
+    _qmatmul, _qmatmul_t, _qgemv = _qmatmul_kernel, _qmatmul_t_kernel, _qgemv_kernel
+    FIXED_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1}
+    FIXED_GEMM_T = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}
+    FIXED_GEMV = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1}
 else:
-    _qmatmul = triton.autotune(_GEMM_CONFIGS, key=[*_KEY, "F32_DOT"])(_qmatmul_kernel)
-    _qmatmul_t = triton.autotune(_GEMM_CONFIGS, key=[*_KEY, "F32_DOT"])(_qmatmul_t_kernel)
-    _qgemv = triton.autotune(_GEMV_CONFIGS, key=_KEY)(_qgemv_kernel)
-    _FIXED_GEMM, _FIXED_GEMV = {}, {}
+    def _tuned(kernel, table, bucket_of, key, **kwargs):
+        configs = [c for bucket in table.values() for c in bucket]
+        return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _pruned(table, bucket_of)},
+                               **kwargs)(kernel)
+
+    def _m(named_args, kwargs):
+        return m_bucket(named_args["M_BUCKET"])
+
+    _qmatmul = _tuned(_qmatmul_kernel, GEMM_CONFIGS, _m, [*_KEY, "F32_DOT"], reset_to_zero=["y_ptr"])
+    _qmatmul_t = _tuned(_qmatmul_t_kernel, GEMM_T_CONFIGS, _m, [*_KEY, "F32_DOT"])
+    _qgemv = _tuned(_qgemv_kernel, GEMV_CONFIGS, lambda _, kwargs: gemv_bucket(kwargs["BITS"]), _KEY,
+                    reset_to_zero=["y_ptr"])
+    FIXED_GEMM, FIXED_GEMM_T, FIXED_GEMV = {}, {}, {}
 
 
 def _f32_dot(dtype: torch.dtype) -> bool:
@@ -134,31 +240,35 @@ def _f32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
 
 
+def _weight_args(w: PackedWeight) -> tuple:
+    return w.qweight, w.scales, w.zeros
+
+
 def _layout_args(w: PackedWeight) -> tuple:
-    return (w.qweight.shape[1], w.scales.shape[1])
+    return w.qweight.shape[1], w.scales.shape[1]
+
+
+def _meta(w: PackedWeight) -> dict:
+    return {"BITS": w.bits, "BO": w.block_out, "BI": w.block_in}
 
 
 def qmatmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """x (M, K) → (M, N); picks the GEMV kernel for M ≤ 16."""
+    """x (M, K) → (M, N); the GEMV kernel for M = 1, the GEMM kernel otherwise."""
     M, K = x.shape
     N = w.qweight.shape[0]
     x = x.contiguous()
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    args = (w.qweight, w.scales, w.zeros, y, M, triton.next_power_of_2(M), N, K, x.stride(0), y.stride(0),
-            *_layout_args(w))
-    meta = {"BITS": w.bits, "BO": w.block_out, "BI": w.block_in}
-    if M <= GEMV_MAX_M:
-        block_m = max(1, triton.next_power_of_2(M))
-
+    y = torch.zeros(M, N, dtype=x.dtype, device=x.device)  # split-K programs add into it
+    args = (*_weight_args(w), y, M, triton.next_power_of_2(M), N, K, x.stride(0), y.stride(0), *_layout_args(w))
+    if M == 1:
         def grid(cfg):
-            return (triton.cdiv(N, cfg["BLOCK_N"]),)
+            return (triton.cdiv(N, cfg["BLOCK_N"]), 1, cfg["SPLIT_K"])
 
-        _qgemv[grid](x, *args, **meta, BLOCK_M=block_m, **_FIXED_GEMV)
+        _qgemv[grid](x, *args, **_meta(w), **FIXED_GEMV)
     else:
         def grid(cfg):
-            return (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+            return (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
 
-        _qmatmul[grid](x, *args, **meta, F32_DOT=_f32_dot(x.dtype), **_FIXED_GEMM)
+        _qmatmul[grid](x, *args, **_meta(w), F32_DOT=_f32_dot(x.dtype), **FIXED_GEMM)
     return y
 
 
@@ -172,7 +282,6 @@ def qmatmul_t(g: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     def grid(cfg):
         return (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
 
-    _qmatmul_t[grid](g, w.qweight, w.scales, w.zeros, out, M, triton.next_power_of_2(M), N, K, g.stride(0),
-                     out.stride(0), *_layout_args(w),
-                     BITS=w.bits, BO=w.block_out, BI=w.block_in, F32_DOT=_f32_dot(g.dtype), **_FIXED_GEMM)
+    _qmatmul_t[grid](g, *_weight_args(w), out, M, triton.next_power_of_2(M), N, K, g.stride(0), out.stride(0),
+                     *_layout_args(w), **_meta(w), F32_DOT=_f32_dot(g.dtype), **FIXED_GEMM_T)
     return out

@@ -1,11 +1,13 @@
 """The Triton kernels against the torch reference: every kernel × bits × layout × dtype, odd M, N not a
 power of two. On a CPU-only machine they run under TRITON_INTERPRET=1 (shapes ≤ 256); on a GPU for real."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 
-from lowbit_ft import BlockLayout, QuantLinear
+from lowbit_ft import BlockLayout, QuantLinear, kernels
 from lowbit_ft.kernels import quant_matmul, quant_matmul_t, reference
 from lowbit_ft.kernels import triton_qmatmul as tq  # conftest.py sets TRITON_INTERPRET=1 without a GPU
 
@@ -29,7 +31,7 @@ def close(got, want, dtype):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("block", LAYOUTS)
-@pytest.mark.parametrize("M", [1, 5, 33])  # 1 and 5: the GEMV (decode) kernel; 33: the GEMM kernel
+@pytest.mark.parametrize("M", [1, 5, 33])  # 1: the GEMV (decode) kernel; 5 and 33: the tensor-core GEMM
 def test_forward_kernels_match_the_reference(bits, block, M):
     q = layer(bits, block)
     x = torch.randn(M, 256, device=DEVICE)
@@ -42,6 +44,36 @@ def test_grad_input_kernel_matches_the_reference(bits, block):
     q = layer(bits, block)
     g = torch.randn(19, 72, device=DEVICE)
     assert close(tq.qmatmul_t(g, q), reference.matmul_t(g, q), torch.float32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("block", [(1, 32), (8, 4)])
+def test_k_not_a_multiple_of_the_tile(bits, block, monkeypatch):
+    """The last K tile sticks out of the row: in = 160 with 64-wide tiles (2/4/8 bits); in = 192 with
+    128-wide tiles at 3 bits, whose rows must hold whole 64-code runs."""
+    in_f = 192 if bits == 3 else 160
+    if bits == 3 and DEVICE == "cpu":
+        for name in ("FIXED_GEMM", "FIXED_GEMM_T", "FIXED_GEMV"):
+            monkeypatch.setattr(tq, name, {**getattr(tq, name), "BLOCK_K": 128})
+    q = layer(bits, block, out_f=40, in_f=in_f)
+    x = torch.randn(3, in_f, device=DEVICE)
+    assert close(tq.qmatmul(x, q), reference.matmul(x, q), torch.float32)
+    assert close(tq.qmatmul(x[:1], q), reference.matmul(x[:1], q), torch.float32)
+    g = torch.randn(3, 40, device=DEVICE)
+    assert close(tq.qmatmul_t(g, q), reference.matmul_t(g, q), torch.float32)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the autotuner runs every split-K config itself")
+@pytest.mark.parametrize("bits", [3, 4])
+def test_split_k_programs_add_up(bits, monkeypatch):
+    """SPLIT_K programs each take a share of K and add into the zeroed output (GEMV and GEMM)."""
+    q = layer(bits, (1, 32), in_f=320)  # 5 K tiles of 64: uneven shares, one program gets 1 tile
+    x = torch.randn(4, 320, device=DEVICE)
+    for split in (2, 3):
+        monkeypatch.setattr(tq, "FIXED_GEMV", {**tq.FIXED_GEMV, "SPLIT_K": split})
+        monkeypatch.setattr(tq, "FIXED_GEMM", {**tq.FIXED_GEMM, "SPLIT_K": split})
+        assert close(tq.qmatmul(x[:1], q), reference.matmul(x[:1], q), torch.float32)
+        assert close(tq.qmatmul(x, q), reference.matmul(x, q), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -84,6 +116,17 @@ def test_dispatch(monkeypatch):
     monkeypatch.setenv("LOWBIT_FT_KERNEL", "cuda")
     with pytest.raises(ValueError, match="LOWBIT_FT_KERNEL='cuda' is unknown"):
         quant_matmul(x, q)
+
+
+def test_layouts_the_kernels_do_not_take_go_to_the_reference():
+    q = layer(4, (1, 48), in_f=192)  # block_in 48 is not a power of two
+    cuda_input = SimpleNamespace(is_cuda=True)  # what "auto" picks for a CUDA tensor, decided on any machine
+    assert kernels._resolve("auto", cuda_input, q) == "torch"
+    assert kernels._resolve("auto", cuda_input, layer(4, (8, 4))) == "triton"
+    x = torch.randn(4, 192, device=DEVICE)
+    assert kernels._resolve("auto", cuda_input, layer(3, (1, 32), in_f=160)) == "torch"  # 3-bit: in % 64 != 0
+    with pytest.raises(ValueError, match=r"backend='triton' needs a power-of-two block_in \(got 48\)"):
+        quant_matmul(x, q, backend="triton")
 
 
 def test_triton_backend_refused_where_it_cannot_run(monkeypatch):

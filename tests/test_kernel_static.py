@@ -1,0 +1,103 @@
+"""The Triton kernels as an H100 / A100 would run them, checked on this CPU machine: every shipped autotune
+config × bits {2, 3, 4, 8} × layouts (1, 64) and (8, 4), bf16, compiled ahead of time for sm_80 and sm_90a
+(bench/kernel_report.py; the full matrix runs there). Static properties are deterministic for a given
+triton + ptxas, so they are asserted exactly: no spilled byte, shared memory within the architecture's
+limit, packed words read 64 or 128 bits at a time, tensor-core instructions in both GEMMs."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowbit_ft.kernels import triton_qmatmul as tq
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def load_report():
+    spec = importlib.util.spec_from_file_location("kernel_report", BENCH / "kernel_report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernel-report") / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for the GPU, not the interpreter
+    done = subprocess.run([sys.executable, str(BENCH / "kernel_report.py"), "--arch", "sm_80", "sm_90a", "--dtype",
+                           "bf16", "--layout", "1x64", "8x4", "--no-sass", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert out.exists(), done.stderr[-3000:]
+    return done, json.loads(out.read_text())
+
+
+def test_every_shipped_config_compiles_without_spills_within_shared_memory_with_wide_loads(rows):
+    done, table = rows
+    report = load_report()
+    expected = sum(len(report.kernel_configs(bits)) for bits in (2, 3, 4, 8)) * 2 * 2  # configs × archs × layouts
+    assert len(table) == expected
+    failing = [f"{r['kernel']} {r['arch']} INT{r['bits']} {r['block_out']}x{r['block_in']} {r['config']}: {problems}"
+               for r in table if (problems := report.violations(report.Row(**r)))]
+    assert not failing, "\n".join(failing[:20])
+    assert done.returncode == 0 and f"{expected} of {expected} variants meet every static target" in done.stdout
+
+
+def test_the_gemms_run_on_tensor_cores_and_hopper_gets_its_own_instructions(rows):
+    _, table = rows
+    for r in table:
+        if r["kernel"] != "qgemv":
+            assert sum(r["tensor_core_ops"].values()) > 0, r
+    # the kernel report reads mma instructions off the SASS; sm_80 has only HMMA
+    assert all(set(r["tensor_core_ops"]) <= {"HMMA"} for r in table if r["arch"] == "sm_80")
+
+
+def test_tensor_core_counts_from_the_ptx_equal_the_sass():
+    """The CI run skips the disassembler; the PTX's mma.sync / wgmma must be what the SASS holds."""
+    report = load_report()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = ("import sys, json; sys.path.insert(0, sys.argv[1]); import kernel_report as r; "
+              "jobs = r.jobs(['sm_80', 'sm_90a'], [4], [(1, 64)], ['bf16'], ['qmatmul']); "
+              "print(json.dumps([[r.compile_job(j[:-1] + (s,)).tensor_core_ops for s in (True, False)] "
+              "for j in jobs if j[1] == 'large']))")
+    done = subprocess.run([sys.executable, "-c", script, str(BENCH)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pairs = json.loads(done.stdout.splitlines()[-1])
+    assert len(pairs) == 2 * len(tq.GEMM_CONFIGS["large"])
+    assert all(sass == ptx and sass for sass, ptx in pairs), pairs
+    assert any("HGMMA" in sass for sass, _ in pairs)  # Hopper's warpgroup MMA, not only the Ampere path
+    assert report.ptx_mma_counts("mma.sync.aligned.m16n8k16\n wgmma.mma_async.sync") == {"HMMA": 1, "HGMMA": 1}
+
+
+def test_violations_catches_each_kind_of_fault():
+    report = load_report()
+    good = report.Row("qmatmul", "sm_90a", 4, 1, 64, "bf16", "cfg", 128, 0, 64 * 1024, {"128": 4}, {"128": 4},
+                      {"HGMMA": 8})
+    assert report.violations(good) == []
+    bad = [good.__class__(**{**good.__dict__, **change}) for change in (
+        {"spill_bytes": 8}, {"shared_bytes": 228 * 1024}, {"ldg_widths": {"128": 4, "32": 1}}, {"ldg_widths": {}},
+        {"tensor_core_ops": {}})]
+    assert all(len(report.violations(row)) == 1 for row in bad)
+    assert report.violations(good.__class__(**{**good.__dict__, "kernel": "qgemv", "tensor_core_ops": {}})) == []
+
+
+def test_autotune_keeps_a_choice_in_every_m_bucket():
+    """Pruning configs to pass the static test must not leave a bucket with no choice, nor the GEMMs without
+    a large-M tile; 3-bit tiles need whole 64-code runs."""
+    for table in (tq.GEMM_CONFIGS, tq.GEMM_T_CONFIGS):
+        assert set(table) == {"small", "medium", "large"}
+        assert all(len(configs) >= 2 for configs in table.values())
+        assert any(c.kwargs["BLOCK_M"] >= 64 for c in table["large"])
+        assert all(c.kwargs["BLOCK_M"] == 16 for c in table["small"])
+    assert set(tq.GEMV_CONFIGS) == {tq.gemv_bucket(bits) for bits in (2, 3, 4, 8)}
+    assert all(len(configs) >= 2 for configs in tq.GEMV_CONFIGS.values())
+    every = [c for t in (tq.GEMM_CONFIGS, tq.GEMM_T_CONFIGS, tq.GEMV_CONFIGS) for cs in t.values() for c in cs]
+    assert all(c.kwargs["BLOCK_K"] % tq.MIN_BLOCK_K == 0 for c in every)
+    assert [tq.m_bucket(m) for m in (2, 16, 17, 128, 129, 4096)] == ["small", "small", "medium", "medium", "large",
+                                                                     "large"]
