@@ -266,6 +266,24 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[Row]) -> str:
+    """One line per kernel × arch × bits: the worst case over configs, layouts and dtypes."""
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.kernel, r.arch, r.bits), []).append(r)
+    head = ("| kernel | arch | bits | variants | max regs | max spill B | max shared KiB | packed-word loads "
+            "| tensor-core ops | variants failing |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (kernel, arch, bits), group in groups.items():
+        widths = sorted({int(w) for r in group for w in r.ldg_widths}, reverse=True)
+        mma = sorted({k for r in group for k in r.tensor_core_ops}) or ["none"]
+        lines.append(f"| {kernel} | {arch} | {bits} | {len(group)} | {max(r.registers for r in group)} | "
+                     f"{max(r.spill_bytes for r in group)} | {max(r.shared_bytes for r in group) / 1024:.0f} | "
+                     f"{', '.join(f'{w}-bit' for w in widths) or '-'} | {', '.join(mma)} | "
+                     f"{sum(1 for r in group if violations(r))} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS), help="target architectures")
@@ -285,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"triton {triton.__version__}: compiling {len(job_list)} kernel variants ...", file=sys.stderr, flush=True)
     rows = run(job_list, args.processes, progress=True)
     print(table(rows))
+    print("\nWorst case per kernel, architecture and code width:\n")
+    print(summary(rows))
     bad = [r for r in rows if violations(r)]
     print(f"\n{len(rows) - len(bad)} of {len(rows)} variants meet every static target.")
     if args.json:

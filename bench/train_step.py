@@ -1,18 +1,23 @@
-"""Training-step speed and memory of a LLaMA-7B-shaped stack (random weights): QA-LoRA on our packed INT4
-base vs LoRA on a frozen bf16 base vs QLoRA (bitsandbytes NF4 + LoRA, when bitsandbytes is installed).
+"""Training-step speed and memory: QA-LoRA on our packed INT4 base against LoRA peers, in one process.
 
-    python bench/train_step.py                 # on a CUDA GPU (4 decoder layers of LLaMA-7B by default)
-    python bench/train_step.py --smoke         # tiny shapes, any machine
+    python bench/train_step.py                 # CUDA: 4 LLaMA-7B-shaped layers (random weights); peers: LoRA on
+                                               # a frozen bf16 base, QLoRA (bitsandbytes NF4) where it installs
+    python bench/train_step.py --smollm2       # CPU: the real SmolLM2-135M, QA-LoRA on packed INT4 g64 (the
+                                               # torch reference kernels) vs PEFT LoRA on the dense fp32 model
+    python bench/train_step.py --smoke         # tiny shapes, any machine: checks the script runs
 
-Reported: tokens/s of forward + backward + AdamW step, and peak memory, each as a ratio to the peers
-measured in the same process.
+Reported: tokens/s of forward + backward + AdamW step, and peak memory (CUDA: allocator peak; CPU: peak
+resident set above the level before the model was built, sampled every 5 ms), each as a ratio to the
+peers measured in the same process.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
+import threading
 import time
 
 import torch
@@ -72,18 +77,76 @@ def build(kind: str, config: LlamaConfig, device: str, r: int) -> nn.Module:
     return model
 
 
-def measure(model: nn.Module, batch: int, seq: int, steps: int, device: str) -> tuple[float, float]:
+SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_smollm2(kind: str, r: int) -> nn.Module:
+    """SmolLM2-135M for the CPU comparison: our QA-LoRA on packed INT4 g64, or PEFT's LoRA on dense fp32."""
+    from lowbit_ft import load_model, quantize_model
+
+    model, _ = load_model("smollm2")
+    if kind == "qa_lora_int4":
+        quantize_model(model, BlockLayout.group(bits=4, group_size=64))
+        return attach(model, "qa_lora", r=r, alpha=16)
+    from peft import LoraConfig, get_peft_model  # the bench extra: pip install -e ".[bench]"
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=16, lora_dropout=0.0, target_modules=SMOLLM2_TARGETS))
+
+
+class PeakRSS:
+    """Peak resident set size above the level at entry, sampled in a thread (CPU memory of one peer)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.process = psutil.Process()
+        self.peak = 0
+
+    def __enter__(self) -> PeakRSS:
+        gc.collect()
+        try:  # hand freed heap pages back to the OS, so the previous peer's memory does not hide this one's
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.base = self.process.memory_info().rss
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, self.process.memory_info().rss - self.base)
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+    @property
+    def gib(self) -> float:
+        return self.peak / 2**30
+
+
+def training_step(model: nn.Module, batch: int, seq: int, device: str,
+                  autocast: torch.dtype | None = torch.bfloat16):
+    """A closure running one forward + backward + AdamW step on a fixed random batch."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
 
     def step():
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=autocast or torch.float32, enabled=autocast is not None):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def measure(model: nn.Module, batch: int, seq: int, steps: int, device: str) -> tuple[float, float]:
+    step = training_step(model, batch, seq, device)
     step()  # warm-up: autotuning, allocator
     if device == "cuda":
         torch.cuda.synchronize()
@@ -106,7 +169,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--r", type=int, default=64, help="adapter rank")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 step: checks the script runs")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="CPU: SmolLM2-135M, QA-LoRA INT4 g64 vs PEFT LoRA fp32 (defaults: batch 4 x 256, r 16, "
+                             "4 steps)")
     args = parser.parse_args()
+    if args.smollm2:
+        smollm2_main(args)
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
         config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
@@ -135,6 +204,33 @@ def main() -> None:
         if peer in results:
             print(f"qa_lora_int4 vs {peer}: {ours[0] / results[peer][0]:.2f}x tokens/s, "
                   f"{ours[1] / results[peer][1]:.2f}x peak memory")
+
+
+def smollm2_main(args: argparse.Namespace) -> None:
+    """Both peers live side by side and their timed steps alternate, so drift of a shared 2-core machine
+    (other load, clock, cache) falls on both alike; memory is measured per peer over build + first step."""
+    batch, seq = args.batch, (256 if args.seq == 512 else args.seq)  # 512 is the GPU default
+    r = 16 if args.r == 64 else args.r
+    steps = 4 if args.steps == 10 else args.steps
+    print(f"device: cpu ({torch.get_num_threads()} threads)   torch {torch.__version__}   SmolLM2-135M, batch {batch} "
+          f"× {seq} tokens, r = {r}, fp32, {steps} timed steps each (alternating) after 1 warm-up")
+    kinds = ("qa_lora_int4", "peft_lora_fp32")
+    step, memory, seconds = {}, {}, dict.fromkeys(kinds, 0.0)
+    for kind in kinds:
+        with PeakRSS() as rss:
+            step[kind] = training_step(build_smollm2(kind, r), batch, seq, "cpu", autocast=None)
+            step[kind]()  # warm-up, inside the memory window: a training step's peak
+        memory[kind] = rss.gib
+    for _ in range(steps):
+        for kind in kinds:
+            start = time.perf_counter()
+            step[kind]()
+            seconds[kind] += time.perf_counter() - start
+    speed = {kind: batch * seq * steps / seconds[kind] for kind in kinds}
+    for kind in kinds:
+        print(f"{kind:<15} {speed[kind]:>8.1f} tokens/s   peak RSS +{memory[kind]:.2f} GiB", flush=True)
+    ours, peer = kinds
+    print(f"{ours} vs {peer}: {speed[ours] / speed[peer]:.2f}x tokens/s, {memory[ours] / memory[peer]:.2f}x peak RSS")
 
 
 if __name__ == "__main__":

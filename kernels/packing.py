@@ -66,12 +66,17 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words.reshape(*codes.shape[:-1], n * bits // 32).to(torch.int32)
 
 
-def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: int32 (..., m) → uint8 codes (..., m · 32 / bits)."""
+def unpack_codes(words: torch.Tensor, bits: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Inverse of `pack_codes`: int32 (..., m) → codes (..., m · 32 / bits) as `dtype` (uint8 by default;
+    the torch reference asks for its float dtype directly, saving a pass over the weight)."""
     m = words.shape[-1]
     n_values, n_words = values_per_unit(bits), words_per_unit(bits)
     if m % n_words:
         raise ValueError(f"{bits}-bit unpacking needs a word count divisible by {n_words}, got {m}")
+    if n_words == 1:  # whole codes per word: one shift per code; the mask drops the sign bits of >>
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+        codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*words.shape[:-1], m * n_values).to(dtype)
     w = words.to(torch.int64) & _WORD_MASK
     w = w.reshape(*words.shape[:-1], m // n_words, n_words)
     low_word, high_word, offset = _unit_map(bits, w.device)
@@ -79,4 +84,4 @@ def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
     window = torch.gather(w, -1, low_word.expand(*w.shape[:-1], n_values))
     window = window | (torch.gather(w, -1, high_word.expand(*w.shape[:-1], n_values)) << 32)
     codes = (window >> offset) & ((1 << bits) - 1)
-    return codes.reshape(*words.shape[:-1], m // n_words * n_values).to(torch.uint8)
+    return codes.reshape(*words.shape[:-1], m // n_words * n_values).to(dtype)

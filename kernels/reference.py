@@ -25,12 +25,12 @@ def dequantize_rows(w: PackedWeight, start: int, stop: int, dtype: torch.dtype) 
     """Rows [start, stop) of W = s · (Q − z), shape (stop − start, in); start/stop multiples of block_out."""
     bo, bi = w.block_out, w.block_in
     acc = accumulate_dtype(dtype)
-    codes = unpack_codes(w.qweight[start:stop], w.bits).to(acc)
+    codes = unpack_codes(w.qweight[start:stop], w.bits, acc)
     rows, cols = codes.shape
     scales = w.scales[start // bo : stop // bo].to(acc)[:, None, :, None]
     zeros = w.zeros[start // bo : stop // bo].to(acc)[:, None, :, None]
-    blocks = codes.reshape(rows // bo, bo, cols // bi, bi)
-    return ((blocks - zeros) * scales).reshape(rows, cols).to(dtype)
+    blocks = codes.view(rows // bo, bo, cols // bi, bi)
+    return blocks.sub_(zeros).mul_(scales).view(rows, cols).to(dtype)  # in place: one weight-sized buffer
 
 
 def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -66,6 +66,7 @@ def test_round_trip_and_gptq_order(bits, rows, units, seed):
     words = pack_codes(codes, bits)
     assert words.dtype == torch.int32 and words.shape == (rows, n * bits // 32)
     assert torch.equal(unpack_codes(words, bits).long(), codes)
+    assert torch.equal(unpack_codes(words, bits, torch.float32), codes.float())  # the reference's direct path
     for r in range(rows):
         assert as_uint32(words[r]) == gptq_pack_loop(codes[r].tolist(), bits)
 
