@@ -130,8 +130,9 @@ def packed_word_loads(ptx: str, qw_index: int) -> Counter:
                 params.setdefault(match.group(1), int(match.group(3)))
             continue
         if opcode.startswith("ld.global"):
-            width = 32 * int(re.search(r"\.v(\d)", opcode).group(1)) if ".v" in opcode else int(
-                re.search(r"\.[bsuf](\d+)", opcode[len("ld.global"):]).group(1))
+            lanes = re.search(r"\.v(\d)", opcode)
+            element = int(re.findall(r"\.[bsuf](\d+)", opcode)[-1])
+            width = element * (int(lanes.group(1)) if lanes else 1)
             loads.append((re.search(r"\[\s*(%rd\d+)", operands).group(1), width))
             continue
         if opcode.startswith("cp.async") and ".global" in opcode:
@@ -139,9 +140,17 @@ def packed_word_loads(ptx: str, qw_index: int) -> Counter:
             size = int(operands.split("],")[-1].split(",")[0].strip(), 0)
             loads.append((brackets[1], 8 * size))
             continue
-        regs = _REG.findall(operands)
-        if regs and not opcode.startswith(("st.", "setp", "bra", "bar", "@")):
-            defs.setdefault(regs[0], set()).update(regs[1:])
+        if opcode.startswith(("st.", "setp", "bra", "bar")):
+            continue
+        # destinations: the first operand, or every register of a leading {…} list (mov.b64 {%r1, %r2}, %rd3)
+        if operands.startswith("{"):
+            dests, _, sources = operands[1:].partition("}")
+            dests, sources = _REG.findall(dests), _REG.findall(sources)
+        else:
+            regs = _REG.findall(operands)
+            dests, sources = regs[:1], regs[1:]
+        for dest in dests:
+            defs.setdefault(dest, set()).update(sources)
 
     def roots(reg: str) -> set[int]:
         seen, stack, found = set(), [reg], set()

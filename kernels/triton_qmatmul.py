@@ -2,7 +2,7 @@
 to global memory: each program dequantizes the (BLOCK_N × BLOCK_K) weight tile it needs in registers.
 
     qmatmul    y = x · dequant(W)ᵀ      M ≥ 2: tensor-core GEMM (bf16/fp16 in, fp32 accumulate);
-                                        split-K for decode-sized M so small batches still fill the GPU
+                                        split-K for M ≤ 16 so small batches still fill the GPU
     qmatmul_t  g · dequant(W)           the input gradient: the same packed words, no transposed copy
     qgemv      y = x · dequant(W)ᵀ      M = 1: split-K reduction on the CUDA cores
 
@@ -15,7 +15,9 @@ How a tile is read (the part that decides speed, see bench/kernel_report.py):
 Bits 2/3/4/8, any block_out, power-of-two block_in (`triton_supports`; the dispatch sends other layouts
 to the reference).
 Autotuned on CUDA over configs pruned per M bucket; under TRITON_INTERPRET=1 (CPU tests) one small
-fixed config runs. Import this module only through `lowbit_ft.kernels`' dispatch.
+fixed config runs; `qmatmul(x, w, config)` runs a given config. Split-K programs write float32 partial
+sums that are added in a fixed order: deterministic, and rounded to the output dtype once.
+Import this module only through `lowbit_ft.kernels`' dispatch.
 """
 
 from __future__ import annotations
@@ -93,9 +95,10 @@ def _k_range(K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _qmatmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, stride_xm, stride_ym, words_per_row,
-                    blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, F32_DOT: tl.constexpr,
-                    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _qmatmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, stride_xm, stride_ys, stride_ym,
+                    words_per_row, blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+                    F32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     start, stop = _k_range(K, SPLIT_K, BLOCK_K)
@@ -110,12 +113,10 @@ def _qmatmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, strid
             acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    out = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:  # the caller zeroed y
-        tl.atomic_add(out, acc.to(y_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+    # split-K: each program writes its own float32 slice of partial sums; the caller adds the slices in a
+    # fixed order (deterministic, rounded to the output dtype once)
+    out = y_ptr + tl.program_id(2).to(tl.int64) * stride_ys + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit
@@ -141,9 +142,9 @@ def _qmatmul_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, M_BUCKET, N, K, s
 
 
 @triton.jit
-def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, stride_xm, stride_ym, words_per_row,
-                  blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, SPLIT_K: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, stride_xm, stride_ys, stride_ym,
+                  words_per_row, blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+                  SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # M = 1. Products accumulate elementwise in a (BLOCK_N, BLOCK_K) tile and are reduced across
     # threads once, after the loop; a split-K grid gives decode enough programs to keep HBM busy.
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -156,10 +157,7 @@ def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, stride_
                           BLOCK_N, BLOCK_K)
         acc += w * x[None, :]
     y = tl.sum(acc, axis=1)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
-    else:  # the caller zeroed y
-        tl.atomic_add(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N, sem="relaxed")
+    tl.store(y_ptr + tl.program_id(2).to(tl.int64) * stride_ys + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
 def _config(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
@@ -175,7 +173,7 @@ def _gemm(bm: int, bn: int, bk: int, warps: int, stages: int, split_k: int = 1) 
 # layout: tests/test_kernel_static.py checks that, bench/kernel_report.py prints the full matrix.
 GEMM_CONFIGS: dict[str, list[triton.Config]] = {
     # batched decode (M ≤ 16): one 16-row tensor-core tile, split-K so N / BLOCK_N programs are not too few
-    "small": [_gemm(16, 64, 128, 4, 3, split_k=4), _gemm(16, 128, 64, 4, 3, split_k=2)],
+    "small": [_gemm(16, 128, 64, 4, 3, split_k=4), _gemm(16, 128, 64, 4, 3, split_k=2)],
     "medium": [_gemm(32, 64, 64, 4, 2), _gemm(64, 64, 64, 4, 3)],  # M ≤ 128
     "large": [_gemm(128, 128, 64, 8, 3), _gemm(64, 128, 64, 8, 3)],
 }
@@ -213,25 +211,43 @@ def _pruned(table: dict[str, list[triton.Config]], bucket_of):
 
 _KEY = ["M_BUCKET", "N", "K", "BITS", "BO", "BI"]
 
-if INTERPRET:  # the interpreter would "benchmark" every config: run one small one instead
-    _qmatmul, _qmatmul_t, _qgemv = _qmatmul_kernel, _qmatmul_t_kernel, _qgemv_kernel
-    FIXED_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1}
-    FIXED_GEMM_T = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}
-    FIXED_GEMV = {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1}
-else:
-    def _tuned(kernel, table, bucket_of, key, **kwargs):
-        configs = [c for bucket in table.values() for c in bucket]
-        return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _pruned(table, bucket_of)},
-                               **kwargs)(kernel)
 
-    def _m(named_args, kwargs):
-        return m_bucket(named_args["M_BUCKET"])
+def _tuned(kernel, table, bucket_of, key, **kwargs):
+    configs = [c for bucket in table.values() for c in bucket]
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _pruned(table, bucket_of)},
+                           **kwargs)(kernel)
 
-    _qmatmul = _tuned(_qmatmul_kernel, GEMM_CONFIGS, _m, [*_KEY, "F32_DOT"], reset_to_zero=["y_ptr"])
-    _qmatmul_t = _tuned(_qmatmul_t_kernel, GEMM_T_CONFIGS, _m, [*_KEY, "F32_DOT"])
-    _qgemv = _tuned(_qgemv_kernel, GEMV_CONFIGS, lambda _, kwargs: gemv_bucket(kwargs["BITS"]), _KEY,
-                    reset_to_zero=["y_ptr"])
-    FIXED_GEMM, FIXED_GEMM_T, FIXED_GEMV = {}, {}, {}
+
+def _by_m(named_args, kwargs):
+    return m_bucket(named_args["M_BUCKET"])
+
+
+def _by_bits(named_args, kwargs):
+    return gemv_bucket(kwargs["BITS"])
+
+
+# reset_to_zero: while tuning, a config with fewer split-K slices must not add the slices of the last one
+_qmatmul = _tuned(_qmatmul_kernel, GEMM_CONFIGS, _by_m, [*_KEY, "F32_DOT"], reset_to_zero=["y_ptr"])
+_qmatmul_t = _tuned(_qmatmul_t_kernel, GEMM_T_CONFIGS, _by_m, [*_KEY, "F32_DOT"])
+_qgemv = _tuned(_qgemv_kernel, GEMV_CONFIGS, _by_bits, _KEY, reset_to_zero=["y_ptr"])
+# The interpreter would "benchmark" every config: it runs one small config instead (tests pass others).
+INTERPRETER_CONFIGS = {"qmatmul": _gemm(16, 32, 64, 4, 1), "qgemv": _config(4, 1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1),
+                       "qmatmul_t": _config(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)}
+
+
+def _launch(tuned, name: str, grid, args: tuple, meta: dict, config: triton.Config | None) -> None:
+    """Run `tuned` (autotuned), or its kernel with one given config (tests, benchmarks, the interpreter)."""
+    config = config or (INTERPRETER_CONFIGS[name] if INTERPRET else None)
+    if config is None:
+        tuned[grid](*args, **meta)
+    else:
+        tuned.fn[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _max_split(name: str, table: dict[str, list[triton.Config]], bucket: str, config: triton.Config | None) -> int:
+    """The most split-K slices the launch can write: the given config's, or any the autotuner may pick."""
+    configs = [config] if config is not None else [INTERPRETER_CONFIGS[name]] if INTERPRET else table[bucket]
+    return max(c.kwargs.get("SPLIT_K", 1) for c in configs)
 
 
 def _f32_dot(dtype: torch.dtype) -> bool:
@@ -241,7 +257,8 @@ def _f32_dot(dtype: torch.dtype) -> bool:
 
 
 def _weight_args(w: PackedWeight) -> tuple:
-    return w.qweight, w.scales, w.zeros
+    # the kernels index rows by words_per_row / blocks_per_row: they need the buffers contiguous
+    return w.qweight.contiguous(), w.scales.contiguous(), w.zeros.contiguous()
 
 
 def _layout_args(w: PackedWeight) -> tuple:
@@ -252,28 +269,36 @@ def _meta(w: PackedWeight) -> dict:
     return {"BITS": w.bits, "BO": w.block_out, "BI": w.block_in}
 
 
-def qmatmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """x (M, K) → (M, N); the GEMV kernel for M = 1, the GEMM kernel otherwise."""
+def qmatmul(x: torch.Tensor, w: PackedWeight, config: triton.Config | None = None) -> torch.Tensor:
+    """x (M, K) → (M, N); the GEMV kernel for M = 1, the GEMM kernel otherwise. `config` runs that
+    config instead of autotuning."""
     M, K = x.shape
     N = w.qweight.shape[0]
     x = x.contiguous()
-    y = torch.zeros(M, N, dtype=x.dtype, device=x.device)  # split-K programs add into it
-    args = (*_weight_args(w), y, M, triton.next_power_of_2(M), N, K, x.stride(0), y.stride(0), *_layout_args(w))
-    if M == 1:
+    gemv = M == 1
+    name, table, bucket = ("qgemv", GEMV_CONFIGS, gemv_bucket(w.bits)) if gemv else \
+        ("qmatmul", GEMM_CONFIGS, m_bucket(M))
+    splits = _max_split(name, table, bucket, config)
+    # split-K configs write float32 partial sums, one (M, N) slice per split; unused slices stay zero
+    y = torch.zeros(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else \
+        torch.empty(1, M, N, dtype=x.dtype, device=x.device)
+    args = (x, *_weight_args(w), y, M, triton.next_power_of_2(M), N, K, x.stride(0), y.stride(0), y.stride(1),
+            *_layout_args(w))
+    if gemv:
         def grid(cfg):
             return (triton.cdiv(N, cfg["BLOCK_N"]), 1, cfg["SPLIT_K"])
 
-        _qgemv[grid](x, *args, **_meta(w), **FIXED_GEMV)
+        _launch(_qgemv, "qgemv", grid, args, _meta(w), config)
     else:
         def grid(cfg):
             return (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
 
-        _qmatmul[grid](x, *args, **_meta(w), F32_DOT=_f32_dot(x.dtype), **FIXED_GEMM)
-    return y
+        _launch(_qmatmul, "qmatmul", grid, args, {**_meta(w), "F32_DOT": _f32_dot(x.dtype)}, config)
+    return y.sum(0).to(x.dtype) if splits > 1 else y[0]
 
 
-def qmatmul_t(g: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """g (M, N) → (M, K) = g · dequant(W)."""
+def qmatmul_t(g: torch.Tensor, w: PackedWeight, config: triton.Config | None = None) -> torch.Tensor:
+    """g (M, N) → (M, K) = g · dequant(W). `config` runs that config instead of autotuning."""
     M, N = g.shape
     K = w.qweight.shape[1] * 32 // w.bits
     g = g.contiguous()
@@ -282,6 +307,7 @@ def qmatmul_t(g: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     def grid(cfg):
         return (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
 
-    _qmatmul_t[grid](g, *_weight_args(w), out, M, triton.next_power_of_2(M), N, K, g.stride(0), out.stride(0),
-                     *_layout_args(w), **_meta(w), F32_DOT=_f32_dot(g.dtype), **FIXED_GEMM_T)
+    args = (g, *_weight_args(w), out, M, triton.next_power_of_2(M), N, K, g.stride(0), out.stride(0),
+            *_layout_args(w))
+    _launch(_qmatmul_t, "qmatmul_t", grid, args, {**_meta(w), "F32_DOT": _f32_dot(g.dtype)}, config)
     return out

@@ -48,32 +48,35 @@ def test_grad_input_kernel_matches_the_reference(bits, block):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("block", [(1, 32), (8, 4)])
-def test_k_not_a_multiple_of_the_tile(bits, block, monkeypatch):
+def test_k_not_a_multiple_of_the_tile(bits, block):
     """The last K tile sticks out of the row: in = 160 with 64-wide tiles (2/4/8 bits); in = 192 with
     128-wide tiles at 3 bits, whose rows must hold whole 64-code runs."""
-    in_f = 192 if bits == 3 else 160
-    if bits == 3 and DEVICE == "cpu":
-        for name in ("FIXED_GEMM", "FIXED_GEMM_T", "FIXED_GEMV"):
-            monkeypatch.setattr(tq, name, {**getattr(tq, name), "BLOCK_K": 128})
+    in_f, block_k = (192, 128) if bits == 3 else (160, 64)
+    gemm, gemv = tq._gemm(16, 32, block_k, 4, 1), tq._config(4, 1, BLOCK_N=32, BLOCK_K=block_k, SPLIT_K=1)
+    grad = tq._config(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k)
     q = layer(bits, block, out_f=40, in_f=in_f)
     x = torch.randn(3, in_f, device=DEVICE)
-    assert close(tq.qmatmul(x, q), reference.matmul(x, q), torch.float32)
-    assert close(tq.qmatmul(x[:1], q), reference.matmul(x[:1], q), torch.float32)
+    assert close(tq.qmatmul(x, q, gemm), reference.matmul(x, q), torch.float32)
+    assert close(tq.qmatmul(x[:1], q, gemv), reference.matmul(x[:1], q), torch.float32)
     g = torch.randn(3, 40, device=DEVICE)
-    assert close(tq.qmatmul_t(g, q), reference.matmul_t(g, q), torch.float32)
+    assert close(tq.qmatmul_t(g, q, grad), reference.matmul_t(g, q), torch.float32)
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the autotuner runs every split-K config itself")
 @pytest.mark.parametrize("bits", [3, 4])
-def test_split_k_programs_add_up(bits, monkeypatch):
-    """SPLIT_K programs each take a share of K and add into the zeroed output (GEMV and GEMM)."""
-    q = layer(bits, (1, 32), in_f=320)  # 5 K tiles of 64: uneven shares, one program gets 1 tile
-    x = torch.randn(4, 320, device=DEVICE)
-    for split in (2, 3):
-        monkeypatch.setattr(tq, "FIXED_GEMV", {**tq.FIXED_GEMV, "SPLIT_K": split})
-        monkeypatch.setattr(tq, "FIXED_GEMM", {**tq.FIXED_GEMM, "SPLIT_K": split})
-        assert close(tq.qmatmul(x[:1], q), reference.matmul(x[:1], q), torch.float32)
-        assert close(tq.qmatmul(x, q), reference.matmul(x, q), torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_k_partial_sums_add_up(bits, dtype):
+    """SPLIT_K programs each take a share of K (5 tiles of 64 split 2 and 3 ways: uneven shares, a program
+    with none) and write float32 partials, added once: GEMV and GEMM, on the interpreter and on a GPU."""
+    q = layer(bits, (1, 32), in_f=320)
+    x = torch.randn(4, 320, device=DEVICE).to(dtype)
+    want = reference.matmul(x.float(), q)
+    for split in (2, 3, 8):
+        y1 = tq.qmatmul(x[:1], q, tq._config(4, 1, BLOCK_N=32, BLOCK_K=64, SPLIT_K=split))
+        y4 = tq.qmatmul(x, q, tq._gemm(16, 32, 64, 4, 1, split_k=split))
+        assert y1.dtype == y4.dtype == dtype
+        assert close(y1, want[:1], dtype) and close(y4, want, dtype)
+    again = tq.qmatmul(x, q, tq._gemm(16, 32, 64, 4, 1, split_k=3))
+    assert torch.equal(again, tq.qmatmul(x, q, tq._gemm(16, 32, 64, 4, 1, split_k=3)))  # deterministic
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
