@@ -5,7 +5,9 @@
 
 Every kernel × every shipped autotune config × bits × block layout × activation dtype is compiled
 ahead of time with `triton.compile` for the target architecture, with the 16-divisibility hints a real
-call on LLaMA shapes has (pointers, N, K, row strides, words and blocks per row; not M). Per row:
+call on LLaMA shapes has (pointers, N, K, strides, blocks per row; not M, nor the row length in
+words, which a SmolLM2-sized row does not have: rows are 4-word aligned, as at every LLaMA-7B and
+SmolLM2 width, and the kernels are told so by a constexpr). Per row:
 
     registers      per thread (ptxas -v)
     spill_bytes    spill stores (ptxas -v); anything above 0 goes through local memory
@@ -53,7 +55,11 @@ ALL_LAYOUTS = ((1, 32), (1, 64), (1, 128), (8, 4))
 ALL_DTYPES = ("bf16", "fp16")
 GEMM_KERNELS = ("qmatmul", "qmatmul_t")
 _WEIGHT_PTRS = {"qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp32"}  # QuantLinear's storage dtypes
-_NO_HINT = {"M", "M_BUCKET"}  # token counts are arbitrary; everything else is a multiple of 16 on LLaMA shapes
+# M is arbitrary, and a row's length in words need not be a multiple of 16 (SmolLM2 at INT4: 72 words), so it
+# gets no hint: rows pass as (words / ROW_ALIGN) with ROW_ALIGN = 4, the alignment of LLaMA-7B and SmolLM2
+# rows at every bit width. Blocks per row keep the hint (LLaMA-7B's, and SmolLM2's at (8, 4) blocks).
+_NO_HINT = {"M", "M_BUCKET", "row_units"}
+ROW_ALIGN = 4
 
 
 @dataclass(frozen=True)
@@ -203,7 +209,8 @@ def compile_row(kernel: str, fn, cfg: triton.Config, bits: int, layout: tuple[in
                 arch: str, sass: bool = True) -> Row:
     """Compile one kernel variant for `arch` and read its static properties. `sass=False` skips the
     disassembler (about a third of the time) and reads the tensor-core instructions off the PTX."""
-    constexprs = {"BITS": bits, "BO": layout[0], "BI": layout[1], "F32_DOT": False, **cfg.kwargs}
+    constexprs = {"BITS": bits, "BO": layout[0], "BI": layout[1], "ROW_ALIGN": ROW_ALIGN, "F32_DOT": False,
+                  **cfg.kwargs}
     signature, attrs, constants = _signature(fn, dtype, constexprs)
     compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", ARCHS[arch], 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})

@@ -96,9 +96,10 @@ def _k_range(K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _qmatmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, stride_xm, stride_ys, stride_ym,
-                    words_per_row, blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
-                    F32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    row_units, blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+                    ROW_ALIGN: tl.constexpr, F32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    words_per_row = row_units * ROW_ALIGN  # a constexpr factor: Triton knows the rows' word alignment
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     start, stop = _k_range(K, SPLIT_K, BLOCK_K)
@@ -120,9 +121,11 @@ def _qmatmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, strid
 
 
 @triton.jit
-def _qmatmul_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, M_BUCKET, N, K, stride_gm, stride_om, words_per_row,
-                      blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, F32_DOT: tl.constexpr,
+def _qmatmul_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, M_BUCKET, N, K, stride_gm, stride_om, row_units,
+                      blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                      F32_DOT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    words_per_row = row_units * ROW_ALIGN
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * BLOCK_K
     rk = k0 + tl.arange(0, BLOCK_K)
@@ -143,10 +146,11 @@ def _qmatmul_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, M_BUCKET, N, K, s
 
 @triton.jit
 def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, stride_xm, stride_ys, stride_ym,
-                  words_per_row, blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
-                  SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  row_units, blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+                  ROW_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # M = 1. Products accumulate elementwise in a (BLOCK_N, BLOCK_K) tile and are reduced across
     # threads once, after the loop; a split-K grid gives decode enough programs to keep HBM busy.
+    words_per_row = row_units * ROW_ALIGN
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     start, stop = _k_range(K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -257,16 +261,24 @@ def _f32_dot(dtype: torch.dtype) -> bool:
 
 
 def _weight_args(w: PackedWeight) -> tuple:
-    # the kernels index rows by words_per_row / blocks_per_row: they need the buffers contiguous
+    # the kernels index rows by words / blocks per row: they need the buffers contiguous
     return w.qweight.contiguous(), w.scales.contiguous(), w.zeros.contiguous()
 
 
+def row_align(words_per_row: int) -> int:
+    """The largest of 4, 2, 1 words dividing a row. Rows are passed as (words / ROW_ALIGN, ROW_ALIGN
+    constexpr) so that Triton knows rows start 16 (8) bytes apart even when the word count is not a
+    multiple of 16 (SmolLM2's 576 columns: 72 words at 4 bits), and can load them 128 (64) bits wide."""
+    return 4 if words_per_row % 4 == 0 else 2 if words_per_row % 2 == 0 else 1
+
+
 def _layout_args(w: PackedWeight) -> tuple:
-    return w.qweight.shape[1], w.scales.shape[1]
+    words = w.qweight.shape[1]
+    return words // row_align(words), w.scales.shape[1]
 
 
 def _meta(w: PackedWeight) -> dict:
-    return {"BITS": w.bits, "BO": w.block_out, "BI": w.block_in}
+    return {"BITS": w.bits, "BO": w.block_out, "BI": w.block_in, "ROW_ALIGN": row_align(w.qweight.shape[1])}
 
 
 def qmatmul(x: torch.Tensor, w: PackedWeight, config: triton.Config | None = None) -> torch.Tensor:
