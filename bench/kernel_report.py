@@ -38,8 +38,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interpreter
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its default
+if __name__ == "__main__":  # compile for real, not for the interpreter (tests import the pure helpers only)
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its default
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402

@@ -21,6 +21,8 @@ BENCH = Path(__file__).parent.parent / "bench"
 
 
 def load_report():
+    """bench/kernel_report.py as a module, for its pure helpers (compiling needs TRITON_INTERPRET unset: a
+    subprocess does that)."""
     spec = importlib.util.spec_from_file_location("kernel_report", BENCH / "kernel_report.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
