@@ -165,14 +165,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4, help="decoder layers of LLaMA-7B shape")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
-    parser.add_argument("--seq", type=int, default=512, help="tokens per sequence")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps")
-    parser.add_argument("--r", type=int, default=64, help="adapter rank")
+    parser.add_argument("--seq", type=int, help="tokens per sequence (default 512; --smollm2: 256)")
+    parser.add_argument("--steps", type=int, help="timed steps (default 10; --smollm2: 4 per peer)")
+    parser.add_argument("--r", type=int, help="adapter rank (default 64; --smollm2: 16)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 1 step: checks the script runs")
     parser.add_argument("--smollm2", action="store_true",
-                        help="CPU: SmolLM2-135M, QA-LoRA INT4 g64 vs PEFT LoRA fp32 (defaults: batch 4 x 256, r 16, "
-                             "4 steps)")
+                        help="CPU: SmolLM2-135M, QA-LoRA INT4 g64 vs PEFT LoRA fp32")
     args = parser.parse_args()
+    defaults = (256, 4, 16) if args.smollm2 else (512, 10, 64)
+    for name, value in zip(("seq", "steps", "r"), defaults, strict=True):
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     if args.smollm2:
         smollm2_main(args)
         return
@@ -209,9 +211,7 @@ def main() -> None:
 def smollm2_main(args: argparse.Namespace) -> None:
     """Both peers live side by side and their timed steps alternate, so drift of a shared 2-core machine
     (other load, clock, cache) falls on both alike; memory is measured per peer over build + first step."""
-    batch, seq = args.batch, (256 if args.seq == 512 else args.seq)  # 512 is the GPU default
-    r = 16 if args.r == 64 else args.r
-    steps = 4 if args.steps == 10 else args.steps
+    batch, seq, r, steps = args.batch, args.seq, args.r, args.steps
     print(f"device: cpu ({torch.get_num_threads()} threads)   torch {torch.__version__}   SmolLM2-135M, batch {batch} "
           f"× {seq} tokens, r = {r}, fp32, {steps} timed steps each (alternating) after 1 warm-up")
     kinds = ("qa_lora_int4", "peft_lora_fp32")
