@@ -25,8 +25,7 @@ if not torch.cuda.is_available():
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lowbit_ft import BlockLayout, quantize_model  # noqa: E402
-from lowbit_ft.adapters import attach, merge  # noqa: E402
-from lowbit_ft.adapters.model import adapted_layers  # noqa: E402
+from lowbit_ft.adapters import adapted_layers, attach, merge  # noqa: E402
 
 
 def build(config: LlamaConfig, device: str, layout: BlockLayout | None) -> LlamaForCausalLM:

@@ -39,7 +39,6 @@ def _load_codes(qw_ptr, rn, k0, N, words_per_row, BITS: tl.constexpr, BLOCK_N: t
                 BLOCK_K: tl.constexpr):
     """Codes Q[rn, k0 : k0 + BLOCK_K] as an int32 (BLOCK_N, BLOCK_K) tile; 0 outside the matrix.
     k0 is a multiple of BLOCK_K, which is a multiple of 64."""
-    row = qw_ptr + rn[:, None].to(tl.int64) * words_per_row
     row_ok = rn[:, None] < N
     if BITS == 3:
         # 64 codes = 192 bits = three int64 words (a row holds whole runs: in % 64 == 0, see triton_supports).
@@ -61,6 +60,7 @@ def _load_codes(qw_ptr, rn, k0, N, words_per_row, BITS: tl.constexpr, BLOCK_N: t
         PER_WORD: tl.constexpr = 32 // BITS
         WORDS: tl.constexpr = BLOCK_K // PER_WORD
         word = k0 // PER_WORD + tl.arange(0, WORDS)[None, :]
+        row = qw_ptr + rn[:, None].to(tl.int64) * words_per_row
         words = tl.load(row + word, mask=row_ok & (word < words_per_row), other=0)
         shift = tl.arange(0, PER_WORD) * BITS
         codes = (words[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)  # the mask drops sign bits
@@ -123,8 +123,7 @@ def _qmatmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, strid
 @triton.jit
 def _qmatmul_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, M_BUCKET, N, K, stride_gm, stride_om, row_units,
                       blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, ROW_ALIGN: tl.constexpr,
-                      F32_DOT: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     words_per_row = row_units * ROW_ALIGN
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * BLOCK_K
