@@ -8,8 +8,8 @@ from pathlib import Path
 import lightning as L
 
 from lowbit_ft.callbacks.merge_check import MergeCheck
-from lowbit_ft.exporters import FORMATS, export
-from lowbit_ft.loading import gguf_source, load_tokenizer
+from lowbit_ft.exporters import FORMATS, check, export
+from lowbit_ft.loading import load_tokenizer
 from lowbit_ft.precision import DTYPES
 
 
@@ -18,7 +18,7 @@ class QuantizedExport(L.Callback):
 
     Args:
         output: directory to write (refused if it exists, unless overwrite).
-        format: lowbit | gptq | gguf | hf (see lowbit_ft.exporters).
+        format: lowbit | gptq | gguf | mlx | hf (see lowbit_ft.exporters).
         dtype: storage dtype of the non-quantized tensors: float16, bfloat16 or float32.
         overwrite: replace an existing output directory.
     """
@@ -31,6 +31,9 @@ class QuantizedExport(L.Callback):
         self.output, self.format, self.dtype, self.overwrite = Path(output), format, DTYPES[dtype], overwrite
         self.path: Path | None = None
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check(pl_module.model, self.format)  # a format that cannot hold the model fails before training, not after
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
@@ -38,6 +41,5 @@ class QuantizedExport(L.Callback):
         base = getattr(pl_module.hparams, "base", None)
         tokenizer = load_tokenizer(base) if base else None
         self.path = export(pl_module.model, self.output, self.format, tokenizer, dtype=self.dtype,
-                           overwrite=self.overwrite, merge_figures=figures,
-                           gguf_metadata_from=gguf_source(base) if base else None)
+                           overwrite=self.overwrite, merge_figures=figures)
         print(f"exported ({self.format})     {self.path.resolve()}")

@@ -14,15 +14,16 @@ from lightning.pytorch.cli import LightningCLI
 
 from lowbit_ft.adapters import save_adapters
 from lowbit_ft.callbacks.merge_check import MergeMismatchError, check_merge
-from lowbit_ft.convert import dequantize_model
+from lowbit_ft.convert import dequantize_model, quant_layers
 from lowbit_ft.data import InstructionDataModule, read_records
 from lowbit_ft.evaluate import evaluate_task, perplexity
 from lowbit_ft.exporters import FORMATS as EXPORT_FORMATS
+from lowbit_ft.exporters import check as check_format
 from lowbit_ft.exporters import export as export_model
 from lowbit_ft.fsutil import write_json
 from lowbit_ft.gptq_format import save_gptq
 from lowbit_ft.layout import BlockLayout
-from lowbit_ft.loading import gguf_source, load_model, load_quantized, load_tokenizer
+from lowbit_ft.loading import load_model, load_quantized, load_tokenizer
 from lowbit_ft.module import LowBitModule, NonFiniteLossError
 from lowbit_ft.precision import DTYPES, LowBitPrecision
 from lowbit_ft.quantizer import check_method
@@ -122,34 +123,56 @@ def module_from_checkpoint(checkpoint: Path) -> LowBitModule:
     return module.eval()
 
 
-def export(checkpoint: Path, output: Path, format: str = "lowbit", dtype: str = "float16",
-           round_zeros: bool = False, overwrite: bool = False) -> Path:
-    """Merge a training checkpoint's adapters into the low-bit base and write a deployable model.
+def export(output: Path, checkpoint: Path | None = None, format: str = "lowbit", dtype: str = "float16",
+           round_zeros: bool = False, overwrite: bool = False, peft_adapter: Path | None = None,
+           base: str | None = None) -> Path:
+    """Merge adapters into the low-bit base and write a deployable model.
 
-    Runs the merge check on a fixed batch first and records its figures in the model card.
+    The adapters come from a `lowbit-ft fit` checkpoint, or from a PEFT adapter directory (LoRA or
+    QA-LoRA trained with PEFT on a GPTQ base) with --peft_adapter and --base. Runs the merge check on a
+    fixed batch first and records its figures in the model card.
 
     Args:
-        checkpoint: a .ckpt written by `lowbit-ft fit` (adapter weights + settings; the base is re-read).
         output: directory to create; refused if it exists unless --overwrite.
-        format: lowbit (merged low-bit, float zeros; default), gptq (gptq_v2; integer zeros only),
-            gguf (Q4_1 for llama.cpp; 4-bit g32 bases), hf (dense 16-bit).
+        checkpoint: a .ckpt written by `lowbit-ft fit` (adapter weights + settings; the base is re-read).
+        format: lowbit (merged low-bit, float zeros, any layout; default), gptq (gptq_v2; integer zeros
+            only), gguf (llama.cpp Q4_1; 2/3/4-bit, groups a multiple of 32), mlx (mlx-lm; 2/3/4/8-bit,
+            groups 32/64/128), hf (dense 16-bit; the only one for LoRA / Q-BaRA).
         dtype: storage dtype of the non-quantized tensors (and of every weight for --format hf).
         round_zeros: allow gptq for a merged model by rounding its zeros (lossy; prints the error).
         overwrite: replace an existing output directory.
+        peft_adapter: a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to merge
+            instead of a checkpoint; needs --base.
+        base: with --peft_adapter: the quantized base it was trained on (a GPTQ or lowbit directory).
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"--format {format!r} is unknown: use one of {EXPORT_FORMATS}")
+    if (checkpoint is None) == (peft_adapter is None):
+        raise ValueError("give either --checkpoint (a lowbit-ft fit checkpoint) or --peft_adapter with --base")
+    if (peft_adapter is None) != (base is None):
+        raise ValueError("--peft_adapter and --base go together (a checkpoint names its own base)")
     if Path(output).exists() and not overwrite:
         raise FileExistsError(f"output {output} already exists; choose another path or pass --overwrite")
-    module = module_from_checkpoint(checkpoint)
-    base = module.hparams.base
-    tokenizer = load_tokenizer(base)
-    batch = probe_batch(tokenizer, module.model.config.vocab_size)
-    figures = check_merge(module.model, {**batch, "labels": batch["input_ids"].masked_fill(
-        batch["attention_mask"] == 0, -100)})
+    if checkpoint is not None:
+        module = module_from_checkpoint(checkpoint)
+        model, tokenizer = module.model, load_tokenizer(module.hparams.base)
+    else:
+        from lowbit_ft.peft_adapter import attach_peft_adapter, read_peft_adapter
+
+        read_peft_adapter(peft_adapter)  # a bad adapter directory fails before the base loads
+        model, tokenizer = load_model(base)
+        if tokenizer is None:
+            raise ValueError(f"--base {base}: no tokenizer files there; the export needs them")
+        if not quant_layers(model):
+            raise ValueError(f"--base {base}: not a quantized model (GPTQ or lowbit directory)")
+        attach_peft_adapter(model, peft_adapter)
+    check_format(model, format)  # a format that cannot hold the model fails before the merge check
+    batch = probe_batch(tokenizer, model.config.vocab_size)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    figures = check_merge(model, {**batch, "labels": labels})
     print("merge check           " + ", ".join(f"{k}={v:.3g}" for k, v in figures.items()))
-    path = export_model(module.model, output, format, tokenizer, dtype=DTYPES[dtype], round_zeros=round_zeros,
-                        overwrite=overwrite, merge_figures=figures, gguf_metadata_from=gguf_source(base))
+    path = export_model(model, output, format, tokenizer, dtype=DTYPES[dtype], round_zeros=round_zeros,
+                        overwrite=overwrite, merge_figures=figures)
     print(f"exported ({format})     {Path(path).resolve()}")
     return path
 

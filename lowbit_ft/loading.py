@@ -17,8 +17,10 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lowbit_ft.convert import set_submodule
+from lowbit_ft.gguf_format import load_gguf
 from lowbit_ft.gptq_format import GPTQ_KEYS, from_gptq, read_gptq_config
 from lowbit_ft.lowbit_format import QUANT_METHOD, install_quant_layers
+from lowbit_ft.mlx_format import load_mlx
 from lowbit_ft.quant_linear import QuantLinear
 
 BUILTIN_SMOLLM2 = "smollm2"
@@ -143,13 +145,6 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float16, 
     return model.eval()
 
 
-def gguf_source(source: str) -> Path | None:
-    """The GGUF file a model source came from (its tokenizer metadata serves GGUF exports), if any."""
-    if source == BUILTIN_SMOLLM2:
-        return smollm2_gguf()
-    return Path(source) if str(source).endswith(".gguf") else None
-
-
 def load_tokenizer(source: str):
     """The tokenizer of a model source ('smollm2', a .gguf file, or a directory with tokenizer files)."""
     path = smollm2_gguf() if source == BUILTIN_SMOLLM2 else Path(source)
@@ -162,24 +157,21 @@ def load_tokenizer(source: str):
 
 def load_model(source: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from 'smollm2' (the built-in SmolLM2-135M-Instruct), a .gguf file, a HF
-    directory, or a GPTQ directory (which loads with QuantLinear layers via `load_quantized`)."""
+    directory, or a GPTQ / lowbit / MLX directory (which load with QuantLinear layers)."""
     if source == BUILTIN_SMOLLM2:
         source = str(smollm2_gguf())
     path = Path(source)
     if path.suffix == ".gguf" and path.is_file():
-        tokenizer = load_tokenizer(str(path))
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        # transformers dequantizes GGUF to plain float weights but keeps its GGUF quantizer attached,
-        # which makes .float()/.half() refuse and save_pretrained write a stale quantization_config
-        model.hf_quantizer, model.is_quantized = None, False
-        model.config.__dict__.pop("quantization_config", None)
-        return model.eval(), tokenizer
+        return load_gguf(path, dtype)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"model={source!r}: not 'smollm2', a .gguf file, or a directory with config.json; check the path"
         )
     tokenizer = load_tokenizer(str(path)) if _has_tokenizer(path) else None
-    if "quantization_config" in json.loads((path / "config.json").read_text()):
+    config = json.loads((path / "config.json").read_text())
+    if "quantization" in config:  # an MLX export
+        return load_mlx(path, dtype), tokenizer
+    if "quantization_config" in config:
         return load_quantized(path, dtype=dtype), tokenizer
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), tokenizer
 

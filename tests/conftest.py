@@ -49,6 +49,14 @@ _register_readme_adapter()
 
 
 @pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2's tokenizer (byte-level BPE, 49,152 tokens, a chat template), as transformers builds it."""
+    from lowbit_ft.loading import load_tokenizer
+
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random LLaMA saved with SmolLM2's tokenizer (vocab 49,152): a real `model.base` for fits."""
     from lowbit_ft.loading import load_tokenizer
@@ -59,13 +67,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
-def make_adapted_llama(name: str = "qa_lora", layout=None, tie: bool = False, scale: float = 0.1, **hparams):
+def make_adapted_llama(name: str = "qa_lora", layout=None, tie: bool = False, scale: float = 0.1, vocab: int = 256,
+                       **hparams):
     """A tiny LLaMA quantized to INT4 ((8, 4) blocks for QA-HiRA, g = 32 otherwise) with adapter `name`
-    attached and random non-zero adapter weights, so merges have something to merge."""
+    attached and random non-zero adapter weights, so merges have something to merge. vocab=49152 fits
+    SmolLM2's tokenizer (the `smol_tokenizer` fixture), which the GGUF export writes into the file."""
     from lowbit_ft import BlockLayout, quantize_model
     from lowbit_ft.adapters import adapted_layers, attach
 
-    model = make_tiny_llama(tie=tie)
+    model = make_tiny_llama(tie=tie, vocab=vocab)
     layout = layout or (BlockLayout(4, 8, 4) if name == "qa_hira" else BlockLayout.group(4, 32))
     quantize_model(model, layout, progress=False)
     attach(model, name, **{"r": 4, **hparams})

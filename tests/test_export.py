@@ -1,4 +1,5 @@
-"""Export formats: lowbit (from_pretrained and load_quantized), gptq, gguf, hf; atomic writes."""
+"""Export formats: lowbit (from_pretrained and load_quantized), gptq, gguf, mlx, hf; atomic writes.
+The real runtimes (llama.cpp, mlx-lm, PEFT) read these exports in test_runtimes.py."""
 
 import json
 
@@ -11,15 +12,17 @@ import lowbit_ft.fsutil
 from lowbit_ft import BlockLayout, load_quantized, quantize_model
 from lowbit_ft.adapters import REGISTRY, adapted_layers, attach
 from lowbit_ft.convert import quant_layers
-from lowbit_ft.exporters import _llama_cpp_rows, export
+from lowbit_ft.exporters import export
+from lowbit_ft.gguf_format import GGUF_FILE, llama_cpp_rows
+from lowbit_ft.mlx_format import load_mlx
 
 from .conftest import make_adapted_llama, make_tiny_llama
 
 LOW_BIT = sorted(n for n, c in REGISTRY.items() if c.merges_into_low_bit)
 
 
-def adapted(name="qa_lora", layout=None, tie=False):
-    return make_adapted_llama(name, layout, tie)
+def adapted(name="qa_lora", layout=None, tie=False, vocab=256):
+    return make_adapted_llama(name, layout, tie, vocab=vocab)
 
 
 def logits(model, tokens):
@@ -91,40 +94,107 @@ def test_gptq_of_a_merged_model_needs_round_zeros(tmp_path, capsys, tokens):
     assert adapted_layers(model)  # the caller's model is untouched
 
 
-def test_gguf_q4_1_reads_back_to_the_same_weights(tmp_path):
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gguf_q4_1_holds_the_merged_weights(bits, tmp_path, smol_tokenizer):
+    """gguf-py's own dequantize of every Q4_1 tensor: codes and d = s exact, m = −s·z′ to its fp16 rounding."""
     import gguf
 
-    model = adapted(layout=BlockLayout.group(4, 32))
-    expected = {}
+    model = adapted(layout=BlockLayout.group(bits, 64), vocab=49152)
     with lowbit_ft.adapters.merged_view(model):
-        for name, layer in quant_layers(model).items():
-            expected[name] = layer.dequantize(torch.float32), layer.scales.float(), layer.zeros.float()
-    path = export(model, tmp_path / "gguf", format="gguf")
-    reader = gguf.GGUFReader(path / "model-Q4_1.gguf")
+        expected = {name: (layer.dequantize(torch.float64), layer.scales.double(), layer.zeros.double())
+                    for name, layer in quant_layers(model).items()}
+    path = export(model, tmp_path / "gguf", format="gguf", tokenizer=smol_tokenizer)
+    reader = gguf.GGUFReader(path / GGUF_FILE)
     tensors = {t.name: t for t in reader.tensors}
     assert str(reader.fields["general.architecture"].contents()) == "llama"
     config = model.config
     for name, (weight, scales, zeros) in expected.items():
         layer_index, kind = name.split(".")[2], name.rsplit(".", 1)[-1]
-        gguf_name = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[kind]
-        tensor = tensors[f"blk.{layer_index}.{gguf_name}.weight"]
+        tensor = tensors[f"blk.{layer_index}.{GGUF_NAMES[kind]}.weight"]
         assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_1
-        got = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type)))
         heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}.get(kind)
         if heads:  # llama.cpp's rotary row order
-            rows = _llama_cpp_rows(heads, weight.shape[0])
+            rows = llama_cpp_rows(heads, weight.shape[0])
             weight, scales, zeros = weight[rows], scales[rows], zeros[rows]
-        # Q4_1 stores m = −s·z in float16: half an fp16 ulp of |m|. gguf's numpy dequantize also computes
-        # d·q + m in float16: half an ulp of |d·q| and of the result on top. (llama.cpp uses float32.)
-        m = (scales * zeros).abs().repeat_interleave(32, 1)
-        bound = 2 * (m + weight.abs()) * 2**-11 + 1e-6
+        raw = np.asarray(tensor.data).reshape(weight.shape[0], -1, 20)
+        d = torch.from_numpy(raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float64))
+        assert torch.equal(d, scales.repeat_interleave(2, 1)), name  # d = s, exactly, on both 32-wide halves
+        got = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type))).double()
+        # the one rounding of the format: m = −s·z′ in float16, half an fp16 ulp of |s·z′| (2⁻¹¹ relative covers
+        # it). gguf's numpy dequantize also computes d·q + m in float16: half an ulp of |d·q| and of the sum.
+        m = (scales * zeros).abs().repeat_interleave(64, 1)
+        bound = (m + 2 * (m + weight.abs())) * 2**-11 + 1e-6
         assert ((got - weight).abs() <= bound).all(), name
 
 
-def test_gguf_needs_4_bit_g32(tmp_path):
-    with pytest.raises(ValueError, match=r"gguf Q4_1 needs a 4-bit base in \(1, 32\) groups"):
-        export(adapted("qa_hira"), tmp_path / "g", format="gguf")
+@pytest.mark.parametrize(("name", "layout", "fmt", "message"), [
+    ("qa_lora", BlockLayout.group(8, 32), "gguf", r"8-bit; no GGUF type holds an asymmetric 8-bit code exactly "
+                                                  r"\(Q8_0 has no offset\): use --format mlx .* or --format lowbit"),
+    ("qa_hira", BlockLayout(4, 8, 4), "gguf", r"blocks spanning several rows fit no GGUF type: use --format lowbit"),
+    ("qa_lora", BlockLayout.group(4, 16), "gguf", r"group size 16; Q4_1 holds groups that are multiples of 32"),
+    ("qa_hira", BlockLayout(4, 8, 4), "mlx", r"blocks spanning several rows fit no MLX layout: use --format lowbit"),
+    ("qa_lora", BlockLayout.group(4, 16), "mlx", r"MLX holds bits \(2, 3, 4, 8\) in groups of \(32, 64, 128\)"),
+    ("lora", BlockLayout.group(4, 32), "gguf", r"cannot merge into the low-bit zeros exactly; use --format hf"),
+])
+def test_formats_refuse_what_they_cannot_hold(name, layout, fmt, message, tmp_path, smol_tokenizer):
+    with pytest.raises(ValueError, match=message):
+        export(adapted(name, layout, vocab=49152), tmp_path / "out", format=fmt, tokenizer=smol_tokenizer)
+    assert not list(tmp_path.iterdir())
+
+
+def test_gguf_tokenizer_metadata_is_what_llama_cpp_s_converter_wrote_for_smollm2(tmp_path, smol_tokenizer):
+    """The tokenizer metadata is built from the HF tokenizer, for any base. For SmolLM2 it reproduces the
+    package's own GGUF (written by llama.cpp's converter) key for key, except the pre-tokenizer: transformers'
+    GGUF tokenizer splits digits as GPT-2 does, so the file says "gpt-2" and llama.cpp tokenizes like the
+    tokenizer the model was trained with (test_runtimes.py checks that in llama.cpp)."""
+    import gguf
+
+    from lowbit_ft.loading import smollm2_gguf
+
+    path = export(adapted(vocab=49152), tmp_path / "gguf", format="gguf", tokenizer=smol_tokenizer)
+    ours = gguf.GGUFReader(path / GGUF_FILE).fields
+    theirs = gguf.GGUFReader(smollm2_gguf()).fields
+    keys = [k for k in theirs if k.startswith("tokenizer.") and k not in ("tokenizer.ggml.pre",
+                                                                          "tokenizer.ggml.add_space_prefix")]
+    assert len(keys) == 10
+    for key in keys:
+        assert ours[key].contents() == theirs[key].contents(), key
+    assert ours["tokenizer.ggml.pre"].contents() == "gpt-2"
+
+
+def test_gguf_needs_the_tokenizer(tmp_path):
+    with pytest.raises(ValueError, match="llama.cpp needs the tokenizer inside the file"):
+        export(adapted(), tmp_path / "gguf", format="gguf")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_mlx_export_holds_the_merged_weights_and_reads_back(bits, tmp_path, smol_tokenizer, tokens):
+    """MLX's packing is our qweight word for word; scales exact; biases = −s·z′ rounded once to float16."""
+    from safetensors.torch import load_file
+
+    model = adapted(layout=BlockLayout.group(bits, 64), vocab=49152)
+    with lowbit_ft.adapters.merged_view(model):
+        merged = {name: (layer.qweight.clone(), layer.scales.clone(), layer.zeros.double())
+                  for name, layer in quant_layers(model).items()}
+    path = export(model, tmp_path / "mlx", format="mlx", tokenizer=smol_tokenizer)
+    config = json.loads((path / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 64, "bits": bits, "mode": "affine"}
+    assert "quantization_config" not in config and config["rope_theta"] == model.config.rope_parameters["rope_theta"]
+    stored = load_file(path / "model.safetensors")
+    for name, (qweight, scales, zeros) in merged.items():
+        assert stored[f"{name}.weight"].dtype == torch.uint32
+        assert torch.equal(stored[f"{name}.weight"].view(torch.int32), qweight)
+        assert torch.equal(stored[f"{name}.scales"], scales)
+        bias, exact = stored[f"{name}.biases"].double(), -scales.double() * zeros
+        assert ((bias - exact).abs() <= exact.abs() * 2**-11).all()  # half an fp16 ulp
+    reloaded = load_mlx(path)  # our reader: codes and scales back exactly, z′ = −bias / s
+    for name, layer in quant_layers(reloaded).items():
+        assert torch.equal(layer.qweight, merged[name][0]) and torch.equal(layer.scales, merged[name][1])
+    assert (logits(reloaded, tokens % 256).argmax(-1) == logits(model, tokens % 256).argmax(-1)).all()
 
 
 def test_interrupted_export_leaves_no_output(tmp_path, monkeypatch):
@@ -160,11 +230,9 @@ def test_unknown_format_refused(tmp_path):
         export(adapted(), tmp_path / "out", format="onnx")
 
 
-def test_gguf_loads_back_in_transformers_with_the_same_logits(tmp_path, tokens):
+def test_gguf_loads_back_in_transformers_with_the_same_logits(tmp_path, tokens, smol_tokenizer):
     """Independent of our own permutation helper: transformers' GGUF loader undoes llama.cpp's q/k row order."""
-    from lowbit_ft.loading import smollm2_gguf
-
-    model = make_tiny_llama(vocab=49152)  # SmolLM2's vocabulary: its tokenizer metadata is copied in
+    model = make_tiny_llama(vocab=49152)  # SmolLM2's vocabulary: its tokenizer goes into the file
     quantize_model(model, BlockLayout.group(4, 32), progress=False, exclude=["model.layers.1.self_attn.k_proj"])
     attach(model, "qa_lora", r=4)
     g = torch.Generator().manual_seed(0)
@@ -172,8 +240,8 @@ def test_gguf_loads_back_in_transformers_with_the_same_logits(tmp_path, tokens):
         for p in layer.adapter.parameters():
             p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
     adapter_on = logits(model, tokens)
-    path = export(model, tmp_path / "gguf", format="gguf", gguf_metadata_from=smollm2_gguf())
-    reloaded = AutoModelForCausalLM.from_pretrained(path, gguf_file="model-Q4_1.gguf", dtype=torch.float32)
+    path = export(model, tmp_path / "gguf", format="gguf", tokenizer=smol_tokenizer)
+    reloaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, dtype=torch.float32)
     got = logits(reloaded, tokens)
     error = ((got - adapter_on).norm() / adapter_on.norm()).item()
     print(f"gguf round trip relative logit error {error:.2e}")

@@ -1,0 +1,139 @@
+"""MLX (mlx / mlx-lm): a merged (1, g) model written exactly in MLX's affine quantization, and read back.
+
+MLX stores per group of 32, 64 or 128 inputs of a row a scale and a bias, w = scale·q + bias, with the
+codes packed LSB-first into uint32 words: for 2/3/4/8 bits the same bit stream as our qweight, word
+for word. A (1, g) layer is therefore exact with scale = s and bias = −s·z′, the bias rounded once to
+the stored dtype (|Δw| ≤ half an ulp of |s·z′| in that dtype: 2⁻¹¹·|s·z′| in float16). mlx-lm loads
+the directory: safetensors with `.weight/.scales/.biases` per quantized linear, config.json with its
+"quantization" block, and the tokenizer files. Blocks taller than one row fit no MLX layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lowbit_ft.convert import quant_layers, set_submodule
+from lowbit_ft.fsutil import atomic_directory
+from lowbit_ft.layout import BlockLayout
+from lowbit_ft.quant_linear import QuantLinear
+
+MLX_BITS = (2, 3, 4, 8)
+MLX_GROUPS = (32, 64, 128)
+
+
+def check_mlx(model: nn.Module) -> BlockLayout:
+    """The one (1, g) layout every quantized layer shares, or a one-line ValueError naming what holds the model."""
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("mlx: the model has no quantized layers; export a dense model with --format hf")
+    layouts = {layer.layout for layer in layers.values()}
+    if len(layouts) != 1:
+        raise ValueError(f"mlx: config.json holds one quantization for all layers, this model has "
+                         f"{sorted(map(str, layouts))}")
+    (layout,) = layouts
+    if layout.block_out != 1:
+        raise ValueError(f"mlx: the model has {layout}; MLX groups run along one row, so blocks spanning several "
+                         "rows fit no MLX layout: use --format lowbit")
+    if layout.bits not in MLX_BITS or layout.block_in not in MLX_GROUPS:
+        raise ValueError(f"mlx: the model has {layout}; MLX holds bits {MLX_BITS} in groups of {MLX_GROUPS}: "
+                         "use --format lowbit")
+    return layout
+
+
+def mlx_tensors(layer: QuantLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One (1, g) QuantLinear as MLX's weight (uint32 codes), scales and biases = −s·z′ in `dtype`."""
+    scales = layer.scales.double()
+    tensors = {"weight": layer.qweight.view(torch.uint32).contiguous(), "scales": layer.scales.to(dtype),
+               "biases": (-scales * layer.zeros.double()).to(dtype)}
+    if not torch.equal(tensors["scales"].to(layer.scales.dtype), layer.scales):
+        raise ValueError(f"mlx: {layer.scales.dtype} scales do not fit {dtype} exactly; export with --dtype "
+                         f"{str(layer.scales.dtype).removeprefix('torch.')} or float32")
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias.to(dtype)
+    return tensors
+
+
+def mlx_config(model: nn.Module, layout: BlockLayout, dtype: torch.dtype) -> dict:
+    """config.json for mlx-lm: the HF config without its quantization_config, a "quantization" block, and
+    the rope base spelled out (mlx-lm reads `rope_theta`, which newer transformers nest in rope_parameters)."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" not in config and "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+        config["rope_scaling"] = rope
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization"] = {"group_size": layout.block_in, "bits": layout.bits, "mode": "affine"}
+    return config
+
+
+def save_mlx(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dtype: torch.dtype = torch.float16,
+             overwrite: bool = False, model_card: str | None = None) -> Path:
+    """Write a model whose linears are (1, g) QuantLinears as an mlx-lm directory, atomically. Every
+    other floating tensor, and the scales and biases, are stored in `dtype` (tied weights once)."""
+    layout = check_mlx(model)
+    layers = quant_layers(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        tensors.update({f"{name}.{key}": value for key, value in mlx_tensors(layer, dtype).items()})
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for key, value in model.state_dict().items():
+        if key.rsplit(".", 1)[0] in layers or (tied and key == "lm_head.weight") or "rotary_emb" in key:
+            continue
+        tensors[key] = value.to(dtype) if value.is_floating_point() else value
+    with atomic_directory(out_dir, overwrite) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "model.safetensors",
+                  metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(mlx_config(model, layout, dtype), indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if model_card:
+            (tmp / "README.md").write_text(model_card)
+    return Path(out_dir)
+
+
+@torch.no_grad()
+def load_mlx(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Read an MLX directory written by `save_mlx` (or mlx-lm, affine mode) back as a HF model with
+    QuantLinear layers: codes and scales as stored, zeros z = −bias / s (float32). Exact for the codes
+    and scales; z′ comes back to float64 rounding of the stored bias."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    quant = raw.get("quantization") or {}
+    if quant.get("mode", "affine") != "affine" or "bits" not in quant:
+        raise ValueError(f"{path}: config.json has no affine MLX 'quantization' block")
+    layout = BlockLayout.group(int(quant["bits"]), int(quant["group_size"]))
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization"):
+        del config.quantization
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weights = load_file(path / "model.safetensors")
+    for name in sorted(k.removesuffix(".scales") for k in weights if k.endswith(".scales")):
+        codes, scales, biases = (weights.pop(f"{name}.{key}") for key in ("weight", "scales", "biases"))
+        bias = weights.pop(f"{name}.bias", None)
+        dense = model.get_submodule(name)
+        layer = QuantLinear(dense.in_features, dense.out_features, layout, bias=bias is not None,
+                            scale_dtype=scales.dtype, bias_dtype=dtype)
+        layer.qweight.copy_(codes.view(torch.int32))
+        layer.scales.copy_(scales)
+        layer.zeros.copy_(-biases.double() / scales.double())
+        if bias is not None:
+            layer.bias.copy_(bias)
+        set_submodule(model, name, layer)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False)
+    layers, tied = quant_layers(model), bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in layers and not (tied and k == "lm_head.weight")]
+    if unexpected or missing:
+        raise ValueError(f"{path}: tensors {(unexpected or missing)[:3]} do not match config.json's model")
+    if tied:
+        model.tie_weights()
+    return model.eval()
