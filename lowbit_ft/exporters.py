@@ -104,7 +104,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "lowbit",
             return _export_gptq(model, out_dir, tokenizer, dtype, round_zeros, overwrite)
         if format == "mlx":
             return save_mlx(model, out_dir, tokenizer, dtype, overwrite, model_card=card)
-        return save_gguf(model, out_dir, tokenizer, dtype, overwrite)
+        return save_gguf(model, out_dir, tokenizer, dtype, overwrite, model_card=card)
 
 
 def _export_dense(model, out_dir, tokenizer, dtype, overwrite, card) -> Path:

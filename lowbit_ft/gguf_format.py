@@ -9,8 +9,9 @@ their scales (not exact), and no GGUF type holds an asymmetric 8-bit code or a b
 row, so those are refused with the formats that do hold them.
 
 The file carries what llama.cpp needs to run it on its own: the llama architecture keys, rope and norm
-settings, the tokenizer the model was trained with (a byte-level BPE from tokenizer.json, or a
-SentencePiece tokenizer.model) with its special tokens and chat template, and lm_head when untied.
+settings, the tokenizer the model was trained with (a byte-level BPE, or a SentencePiece tokenizer as
+transformers holds it: a BPE with byte fallback) with its special tokens and chat template, and lm_head
+when untied.
 """
 
 from __future__ import annotations
@@ -167,55 +168,79 @@ def _adds_special(tokenizer, token_id: int | None, first: bool) -> bool:
     return bool(ids) and (ids[0] if first else ids[-1]) == token_id
 
 
+def _vocabulary(spec: dict) -> dict:
+    """Tokens, token types and (SentencePiece) scores of a tokenizer.json, as llama.cpp reads them.
+
+    A byte-level BPE (GPT-2 style: SmolLM2, LLaMA 3) is llama.cpp's "gpt2" model with the merges. A BPE with
+    byte fallback is what transformers makes of a SentencePiece tokenizer (LLaMA 1/2, Mistral): llama.cpp's
+    "llama" model, which merges the adjacent pair whose result scores highest, so a token's score is minus
+    the rank of the first merge that makes it: the same order HF's BPE applies its merges in."""
+    import gguf
+
+    model = spec["model"]
+    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+    if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
+        raise ValueError("gguf: the tokenizer is neither a byte-level BPE nor a SentencePiece-style BPE with byte "
+                         f"fallback (tokenizer.json model {model.get('type')!r}); use --format lowbit or mlx")
+    spm = bool(model.get("byte_fallback"))
+    by_id = {i: t for t, i in model["vocab"].items()}
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    by_id.update({i: a["content"] for i, a in added.items()})
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
+    tokens, types, scores = [], [], []
+    for i in range(max(by_id) + 1):
+        token = by_id.get(i)
+        if token is None:
+            kind = gguf.TokenType.UNUSED
+        elif i in added:
+            kind = gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED
+        elif spm and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            kind = gguf.TokenType.BYTE
+        elif spm and token == model.get("unk_token"):
+            kind = gguf.TokenType.UNKNOWN
+        else:
+            kind = gguf.TokenType.NORMAL
+        tokens.append(f"[PAD{i}]" if token is None else token)
+        types.append(kind)
+        scores.append(-float(rank[token]) if token in rank else -1e9)
+    pre = spec.get("pre_tokenizer") or {}
+    prefix = pre.get("type") == "Metaspace" and pre.get("prepend_scheme", "always") != "never"
+    prefix = prefix or "Prepend" in json.dumps(spec.get("normalizer"))  # older LLaMA tokenizer.json
+    return {"model": "llama" if spm else "gpt2", "pre": "default" if spm else _bpe_pre_tokenizer(pre),
+            "tokens": tokens, "types": types, "scores": scores if spm else None, "add_space_prefix": prefix}
+
+
 def write_tokenizer(writer, tokenizer, n_vocab: int) -> None:
     """Tokenizer metadata llama.cpp needs, from the HF tokenizer the model was trained with: the tokens and
-    their types, merges (BPE) or scores (SentencePiece), special ids, add-BOS/EOS and the chat template.
-    Token ids past the tokenizer's vocabulary (padded embeddings) become unused placeholders."""
+    their types, merges (byte-level BPE) or scores (SentencePiece), special ids, add-BOS/EOS and the chat
+    template. Token ids past the tokenizer's vocabulary (padded embeddings) become unused placeholders."""
     import gguf
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         path = Path(tmp)
-        if (path / "tokenizer.model").is_file():
-            vocab = gguf.vocab.SentencePieceVocab(path)
-            tokens, scores, types = map(list, zip(*vocab.all_tokens(), strict=True))
-            writer.add_tokenizer_model("llama")
-            writer.add_tokenizer_pre("default")
-        elif (path / "tokenizer.json").is_file():
-            spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-            model = spec["model"]
-            byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
-            if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
-                raise ValueError("gguf: the tokenizer is neither a byte-level BPE (tokenizer.json) nor a SentencePiece "
-                                 "tokenizer.model, the two kinds written here; use --format lowbit or mlx")
-            by_id = {i: t for t, i in model["vocab"].items()}
-            added = {a["id"]: a for a in spec.get("added_tokens", [])}
-            by_id.update({i: a["content"] for i, a in added.items()})
-            tokens, scores, types = [], None, []
-            for i in range(max(by_id) + 1):
-                if i not in by_id:
-                    tokens.append(f"[PAD{i}]")
-                    types.append(gguf.TokenType.UNUSED)
-                    continue
-                tokens.append(by_id[i])
-                types.append(gguf.TokenType.NORMAL if i not in added else
-                             gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
-            writer.add_tokenizer_model("gpt2")
-            writer.add_tokenizer_pre(_bpe_pre_tokenizer(spec.get("pre_tokenizer")))
-        else:
-            raise ValueError("gguf: the tokenizer saves neither tokenizer.json nor tokenizer.model; "
+        if not (path / "tokenizer.json").is_file():
+            raise ValueError("gguf: the tokenizer saves no tokenizer.json (a fast tokenizer does); "
                              "use --format lowbit or mlx")
+        vocab = _vocabulary(json.loads((path / "tokenizer.json").read_text(encoding="utf-8")))
+        tokens, types, scores = vocab["tokens"], vocab["types"], vocab["scores"]
         if len(tokens) > n_vocab:
             raise ValueError(f"gguf: the tokenizer has {len(tokens)} tokens, the model's embedding {n_vocab} rows")
         for i in range(len(tokens), n_vocab):
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
             if scores is not None:
-                scores.append(-1000.0)
+                scores.append(-1e9)
+        writer.add_tokenizer_model(vocab["model"])
+        writer.add_tokenizer_pre(vocab["pre"])
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         if scores is not None:
             writer.add_token_scores(scores)
+            writer.add_add_space_prefix(vocab["add_space_prefix"])
         special = gguf.SpecialVocab(path, load_merges=scores is None, n_vocab=n_vocab)
         special.add_special_token = {"bos": _adds_special(tokenizer, tokenizer.bos_token_id, first=True),
                                      "eos": _adds_special(tokenizer, tokenizer.eos_token_id, first=False)}
@@ -224,10 +249,10 @@ def write_tokenizer(writer, tokenizer, n_vocab: int) -> None:
 
 # --- save and load -------------------------------------------------------------------------------
 def save_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer, dtype: torch.dtype = torch.float16,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, model_card: str | None = None) -> Path:
     """Write a model whose linears are (1, g) QuantLinears as `out_dir/model-Q4_1.gguf`, atomically.
     Unquantized matrices (embeddings, an untied lm_head) are stored as float16 (float32 if `dtype` is),
-    norms as float32. The tokenizer files are written beside the GGUF too."""
+    norms as float32. The tokenizer files and the model card are written beside the GGUF."""
     import gguf
 
     check_gguf(model)
@@ -267,6 +292,8 @@ def save_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer, dtype: to
         writer.write_tensors_to_file(progress=False)
         writer.close()
         tokenizer.save_pretrained(tmp)
+        if model_card:
+            (tmp / "README.md").write_text(model_card)
     return Path(out_dir)
 
 

@@ -107,3 +107,28 @@ def test_gptq_export_loads_in_transformers_with_gptqmodel(tmp_path, bits):
     theirs = theirs if theirs.shape == ours.shape else theirs.t()
     # GPTQModel dequantizes in float16: s·(q − z) rounded once, half an fp16 ulp of the weight
     assert ((theirs - ours).abs() <= ours.abs() * 2**-11 + 1e-7).all()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "give either --checkpoint (a lowbit-ft fit checkpoint) or --peft_adapter with --base"),
+    (["--peft_adapter", "x"], "--peft_adapter and --base go together"),
+    (["--checkpoint", "x.ckpt", "--base", "y"], "--peft_adapter and --base go together"),
+    (["--peft_adapter", "nowhere", "--base", "y"], "--peft_adapter nowhere: no adapter_config.json"),
+])
+def test_export_sources_are_checked_before_anything_loads(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["export", "--output", "out", *args])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_command_writes_gguf_and_mlx_from_a_checkpoint(trained, tmp_path, capsys):
+    """The fit's QA-LoRA (INT4, g = 32) through `lowbit-ft export` into the two runtime formats; both carry
+    the tokenizer and the model card with the merge check's figures."""
+    ckpt = trained / "out/quickstart/checkpoints/last.ckpt"
+    for fmt, file in (("gguf", "model-Q4_1.gguf"), ("mlx", "model.safetensors")):
+        main(["export", "--checkpoint", str(ckpt), "--format", fmt, "--output", str(tmp_path / fmt)])
+        assert f"exported ({fmt})" in capsys.readouterr().out
+        assert (tmp_path / fmt / file).is_file() and (tmp_path / fmt / "tokenizer.json").is_file()
+        assert "merged/top1_agreement" in (tmp_path / fmt / "README.md").read_text()
