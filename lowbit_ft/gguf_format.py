@@ -121,8 +121,9 @@ def _rope_scaling(cfg) -> dict | None:
 def _write_architecture(writer, cfg, name: str) -> None:
     import gguf
 
-    if cfg.model_type != "llama":
-        log.warning("gguf: %s written with llama.cpp's llama architecture", cfg.model_type)
+    if cfg.model_type not in ("llama", "mistral"):  # the architectures llama.cpp runs as "llama"
+        raise ValueError(f"gguf: model_type {cfg.model_type!r} is not written by this exporter (llama, mistral "
+                         "are); use --format lowbit")
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     writer.add_name(name)
@@ -155,8 +156,9 @@ def _bpe_pre_tokenizer(pre: dict | None) -> str:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"  # digits one by one, then GPT-2's split
-    if kinds == ["Split", "ByteLevel"] and "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in json.dumps(parts[0]):
-        return "llama-bpe"
+    regex = (parts[0].get("pattern") or {}).get("Regex", "") if kinds == ["Split", "ByteLevel"] else ""
+    if regex.startswith("(?i:'s|'t|'re|'ve|'m|'ll|'d)") and "\\p{N}{1,3}" in regex:
+        return "llama-bpe"  # LLaMA 3's split: numbers in runs of up to three digits
     log.warning("gguf: pre-tokenizer %s has no llama.cpp name known here; writing 'default'", kinds)
     return "default"
 

@@ -248,3 +248,23 @@ def test_gguf_loads_back_in_transformers_with_the_same_logits(tmp_path, tokens, 
     # m = −s·z is stored in float16; a wrong q/k row order (even of the one unquantized k_proj) costs 1e-2
     assert error < 3e-3
     assert (got.argmax(-1) == adapter_on.argmax(-1)).float().mean() > 0.95
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize(("pre", "name"), [
+    ({"type": "ByteLevel", "use_regex": True}, "gpt-2"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                            {"type": "ByteLevel", "use_regex": True}]}, "smollm"),
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}},
+                                            {"type": "ByteLevel", "use_regex": False}]}, "llama-bpe"),
+    # Qwen2's split starts like LLaMA 3's but takes digits one at a time: not LLaMA 3's, so not named so
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT.replace(
+        "{1,3}", "")}}, {"type": "ByteLevel", "use_regex": False}]}, "default"),
+])
+def test_gguf_names_the_byte_level_pre_tokenizer_llama_cpp_knows(pre, name):
+    from lowbit_ft.gguf_format import _bpe_pre_tokenizer
+
+    assert _bpe_pre_tokenizer(pre) == name
