@@ -49,6 +49,15 @@ _register_readme_adapter()
 
 
 @pytest.fixture(scope="session")
+def smollm2_float():
+    """(model, tokenizer): the built-in SmolLM2-135M-Instruct in float32, loaded once (~35 s) for the whole
+    session. Shared: a test that changes the model works on copy.deepcopy(model)."""
+    from lowbit_ft import load_model
+
+    return load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
 def smol_tokenizer():
     """SmolLM2's tokenizer (byte-level BPE, 49,152 tokens, a chat template), as transformers builds it."""
     from lowbit_ft.loading import load_tokenizer

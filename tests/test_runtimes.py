@@ -185,10 +185,10 @@ def test_gguf_with_a_sentencepiece_tokenizer_runs_in_llama_cpp(sentencepiece_tok
 
 
 @pytest.fixture(scope="module")
-def smollm2_reference():
+def smollm2_reference(smollm2_float):
     """SmolLM2 in float32 as transformers dequantizes the package's GGUF, and llama.cpp's own error on that
     same file: what "exact in llama.cpp" can mean (its CPU path quantizes activations to 8 bit)."""
-    model, tokenizer = load_model("smollm2")
+    model, tokenizer = smollm2_float
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     llm = LlamaCpp(smollm2_gguf(), n_ctx=256)
     try:

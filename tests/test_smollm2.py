@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from lowbit_ft import BlockLayout, load_model
+from lowbit_ft import BlockLayout
 from lowbit_ft.convert import DEFAULT_TARGETS
 from lowbit_ft.report import probe_batch, quantize_and_report
 
@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    model, tokenizer = load_model("smollm2")
+def smollm2(smollm2_float):
+    model, tokenizer = smollm2_float
     return model, tokenizer, probe_batch(tokenizer, model.config.vocab_size)
 
 
