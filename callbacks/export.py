@@ -32,14 +32,19 @@ class QuantizedExport(L.Callback):
         self.path: Path | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        check(pl_module.model, self.format)  # a format that cannot hold the model fails before training, not after
+        # a format that cannot hold the model (or its tokenizer) fails before training, not after
+        check(pl_module.model, self.format, self._tokenizer(pl_module), self.dtype)
+
+    @staticmethod
+    def _tokenizer(pl_module: L.LightningModule):
+        base = getattr(pl_module.hparams, "base", None)
+        return load_tokenizer(base) if base else None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         figures = next((cb.results for cb in trainer.callbacks if isinstance(cb, MergeCheck) and cb.results), None)
-        base = getattr(pl_module.hparams, "base", None)
-        tokenizer = load_tokenizer(base) if base else None
+        tokenizer = self._tokenizer(pl_module)
         self.path = export(pl_module.model, self.output, self.format, tokenizer, dtype=self.dtype,
                            overwrite=self.overwrite, merge_figures=figures)
         print(f"exported ({self.format})     {self.path.resolve()}")

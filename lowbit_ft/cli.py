@@ -147,6 +147,8 @@ def export(output: Path, checkpoint: Path | None = None, format: str = "lowbit",
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"--format {format!r} is unknown: use one of {EXPORT_FORMATS}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is unknown: use one of {sorted(DTYPES)}")
     if (checkpoint is None) == (peft_adapter is None):
         raise ValueError("give either --checkpoint (a lowbit-ft fit checkpoint) or --peft_adapter with --base")
     if (peft_adapter is None) != (base is None):
@@ -166,7 +168,7 @@ def export(output: Path, checkpoint: Path | None = None, format: str = "lowbit",
         if not quant_layers(model):
             raise ValueError(f"--base {base}: not a quantized model (GPTQ or lowbit directory)")
         attach_peft_adapter(model, peft_adapter)
-    check_format(model, format)  # a format that cannot hold the model fails before the merge check
+    check_format(model, format, tokenizer, DTYPES[dtype])  # what a format cannot hold fails before the merge check
     batch = probe_batch(tokenizer, model.config.vocab_size)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     figures = check_merge(model, {**batch, "labels": labels})

@@ -66,9 +66,10 @@ def round_zeros_error(model: nn.Module) -> float:
     return worst
 
 
-def check(model: nn.Module, format: str) -> None:
-    """Refuse, in one line, a format that cannot hold `model` (a layout or code width it has no room for)
-    before anything heavy runs: the CLI calls this before the merge check."""
+def check(model: nn.Module, format: str, tokenizer=None, dtype: torch.dtype = torch.float16) -> None:
+    """Refuse, in one line, a format that cannot hold `model` with `tokenizer` in `dtype` (a layout, code width,
+    architecture or tokenizer it has no room for) before anything heavy runs: the CLI calls this before the
+    merge check, `QuantizedExport` before training."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is unknown: use one of {FORMATS}")
     if format == "hf":
@@ -79,9 +80,9 @@ def check(model: nn.Module, format: str) -> None:
                                                               wrapped.base.layout).replace("merge_dense(model)",
                                                                                            "--format hf"))
     if format == "gguf":
-        check_gguf(model)
+        check_gguf(model, tokenizer)
     elif format == "mlx":
-        check_mlx(model)
+        check_mlx(model, dtype)
 
 
 @torch.no_grad()
@@ -89,7 +90,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "lowbit",
            dtype: torch.dtype = torch.float16, round_zeros: bool = False, overwrite: bool = False,
            merge_figures: dict | None = None) -> Path:
     """Write `model` (a HF causal LM with QuantLinear layers, with or without adapters) as `format`."""
-    check(model, format)
+    check(model, format, tokenizer, dtype)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output {out_dir} already exists; choose another path or pass --overwrite")

@@ -16,10 +16,12 @@ when untied.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +42,21 @@ _NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn
           "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def check_gguf(model: nn.Module) -> None:
-    """Raise a one-line ValueError, naming the formats that do hold the model, unless every quantized
-    layer fits Q4_1 exactly: 2/3/4-bit codes, (1, g) groups with g % 32 == 0, float16 scales."""
+def check_gguf(model: nn.Module, tokenizer) -> None:
+    """Raise a one-line ValueError, naming the formats that do hold the model, unless it exports exactly:
+    every quantized layer 2/3/4-bit in (1, g) groups with g % 32 == 0 and float16 scales, a LLaMA-family
+    architecture with default or linear rope, and a tokenizer of a kind llama.cpp reads."""
     layers = quant_layers(model)
     if not layers:
         raise ValueError("gguf: the model has no quantized layers; export a dense model with --format hf")
+    if model.config.model_type not in ("llama", "mistral"):  # the architectures llama.cpp runs as "llama"
+        raise ValueError(f"gguf: model_type {model.config.model_type!r} is not written by this exporter (llama, "
+                         "mistral are); use --format lowbit")
+    _rope_scaling(model.config)
+    if tokenizer is None:
+        raise ValueError("gguf: llama.cpp needs the tokenizer inside the file; pass the model's tokenizer")
+    with _saved(tokenizer) as path:
+        _vocabulary(path)
     for name, layer in layers.items():
         layout = layer.layout
         if layout.block_out != 1:
@@ -121,9 +132,6 @@ def _rope_scaling(cfg) -> dict | None:
 def _write_architecture(writer, cfg, name: str) -> None:
     import gguf
 
-    if cfg.model_type not in ("llama", "mistral"):  # the architectures llama.cpp runs as "llama"
-        raise ValueError(f"gguf: model_type {cfg.model_type!r} is not written by this exporter (llama, mistral "
-                         "are); use --format lowbit")
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     writer.add_name(name)
@@ -170,7 +178,15 @@ def _adds_special(tokenizer, token_id: int | None, first: bool) -> bool:
     return bool(ids) and (ids[0] if first else ids[-1]) == token_id
 
 
-def _vocabulary(spec: dict) -> dict:
+@contextlib.contextmanager
+def _saved(tokenizer) -> Iterator[Path]:
+    """The tokenizer's files in a temporary directory (what gguf's vocab helpers and we read)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        yield Path(tmp)
+
+
+def _vocabulary(path: Path) -> dict:
     """Tokens, token types and (SentencePiece) scores of a tokenizer.json, as llama.cpp reads them.
 
     A byte-level BPE (GPT-2 style: SmolLM2, LLaMA 3) is llama.cpp's "gpt2" model with the merges. A BPE with
@@ -179,6 +195,10 @@ def _vocabulary(spec: dict) -> dict:
     the rank of the first merge that makes it: the same order HF's BPE applies its merges in."""
     import gguf
 
+    if not (path / "tokenizer.json").is_file():
+        raise ValueError("gguf: the tokenizer saves no tokenizer.json (a fast tokenizer does); "
+                         "use --format lowbit or mlx")
+    spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
     model = spec["model"]
     byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
     if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
@@ -221,13 +241,8 @@ def write_tokenizer(writer, tokenizer, n_vocab: int) -> None:
     template. Token ids past the tokenizer's vocabulary (padded embeddings) become unused placeholders."""
     import gguf
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        path = Path(tmp)
-        if not (path / "tokenizer.json").is_file():
-            raise ValueError("gguf: the tokenizer saves no tokenizer.json (a fast tokenizer does); "
-                             "use --format lowbit or mlx")
-        vocab = _vocabulary(json.loads((path / "tokenizer.json").read_text(encoding="utf-8")))
+    with _saved(tokenizer) as path:
+        vocab = _vocabulary(path)
         tokens, types, scores = vocab["tokens"], vocab["types"], vocab["scores"]
         if len(tokens) > n_vocab:
             raise ValueError(f"gguf: the tokenizer has {len(tokens)} tokens, the model's embedding {n_vocab} rows")
@@ -257,9 +272,7 @@ def save_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer, dtype: to
     norms as float32. The tokenizer files and the model card are written beside the GGUF."""
     import gguf
 
-    check_gguf(model)
-    if tokenizer is None:
-        raise ValueError("gguf: llama.cpp needs the tokenizer inside the file; pass the model's tokenizer")
+    check_gguf(model, tokenizer)
     cfg = model.config
     layers = quant_layers(model)
     heads_of = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads or cfg.num_attention_heads}

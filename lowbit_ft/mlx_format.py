@@ -27,8 +27,9 @@ MLX_BITS = (2, 3, 4, 8)
 MLX_GROUPS = (32, 64, 128)
 
 
-def check_mlx(model: nn.Module) -> BlockLayout:
-    """The one (1, g) layout every quantized layer shares, or a one-line ValueError naming what holds the model."""
+def check_mlx(model: nn.Module, dtype: torch.dtype = torch.float16) -> BlockLayout:
+    """The one (1, g) layout every quantized layer shares, or a one-line ValueError naming what holds the model
+    (also when the scales do not fit `dtype`, MLX's storage dtype for scales and biases, exactly)."""
     layers = quant_layers(model)
     if not layers:
         raise ValueError("mlx: the model has no quantized layers; export a dense model with --format hf")
@@ -43,17 +44,17 @@ def check_mlx(model: nn.Module) -> BlockLayout:
     if layout.bits not in MLX_BITS or layout.block_in not in MLX_GROUPS:
         raise ValueError(f"mlx: the model has {layout}; MLX holds bits {MLX_BITS} in groups of {MLX_GROUPS}: "
                          "use --format lowbit")
+    for layer in layers.values():
+        if not torch.equal(layer.scales.to(dtype).to(layer.scales.dtype), layer.scales):
+            raise ValueError(f"mlx: {layer.scales.dtype} scales do not fit {dtype} exactly; export with --dtype "
+                             f"{str(layer.scales.dtype).removeprefix('torch.')} or float32")
     return layout
 
 
 def mlx_tensors(layer: QuantLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One (1, g) QuantLinear as MLX's weight (uint32 codes), scales and biases = −s·z′ in `dtype`."""
-    scales = layer.scales.double()
     tensors = {"weight": layer.qweight.view(torch.uint32).contiguous(), "scales": layer.scales.to(dtype),
-               "biases": (-scales * layer.zeros.double()).to(dtype)}
-    if not torch.equal(tensors["scales"].to(layer.scales.dtype), layer.scales):
-        raise ValueError(f"mlx: {layer.scales.dtype} scales do not fit {dtype} exactly; export with --dtype "
-                         f"{str(layer.scales.dtype).removeprefix('torch.')} or float32")
+               "biases": (-layer.scales.double() * layer.zeros.double()).to(dtype)}
     if layer.bias is not None:
         tensors["bias"] = layer.bias.to(dtype)
     return tensors
@@ -78,7 +79,7 @@ def save_mlx(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dtype
              overwrite: bool = False, model_card: str | None = None) -> Path:
     """Write a model whose linears are (1, g) QuantLinears as an mlx-lm directory, atomically. Every
     other floating tensor, and the scales and biases, are stored in `dtype` (tied weights once)."""
-    layout = check_mlx(model)
+    layout = check_mlx(model, dtype)
     layers = quant_layers(model)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
@@ -101,9 +102,9 @@ def save_mlx(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dtype
 
 @torch.no_grad()
 def load_mlx(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Read an MLX directory written by `save_mlx` (or mlx-lm, affine mode) back as a HF model with
-    QuantLinear layers: codes and scales as stored, zeros z = −bias / s (float32). Exact for the codes
-    and scales; z′ comes back to float64 rounding of the stored bias."""
+    """Read an MLX directory as `save_mlx` writes it (one model.safetensors, quantized linears, float
+    embeddings) back as a HF model with QuantLinear layers: codes and scales as stored, zeros
+    z′ = −bias / s computed in float64 and stored in float32. Anything else is a one-line ValueError."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -111,6 +112,8 @@ def load_mlx(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.
     quant = raw.get("quantization") or {}
     if quant.get("mode", "affine") != "affine" or "bits" not in quant:
         raise ValueError(f"{path}: config.json has no affine MLX 'quantization' block")
+    if not (path / "model.safetensors").is_file():
+        raise ValueError(f"{path}: no model.safetensors (sharded MLX checkpoints are not read here)")
     layout = BlockLayout.group(int(quant["bits"]), int(quant["group_size"]))
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization"):
@@ -118,9 +121,14 @@ def load_mlx(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     weights = load_file(path / "model.safetensors")
     for name in sorted(k.removesuffix(".scales") for k in weights if k.endswith(".scales")):
-        codes, scales, biases = (weights.pop(f"{name}.{key}") for key in ("weight", "scales", "biases"))
+        try:
+            dense = model.get_submodule(name)
+            codes, scales, biases = (weights.pop(f"{name}.{key}") for key in ("weight", "scales", "biases"))
+        except (AttributeError, KeyError) as err:
+            raise ValueError(f"{path}: quantized tensor {name} does not match config.json's model ({err})") from None
+        if not isinstance(dense, nn.Linear):
+            raise ValueError(f"{path}: {name} is quantized but is a {type(dense).__name__}; only linears are read here")
         bias = weights.pop(f"{name}.bias", None)
-        dense = model.get_submodule(name)
         layer = QuantLinear(dense.in_features, dense.out_features, layout, bias=bias is not None,
                             scale_dtype=scales.dtype, bias_dtype=dtype)
         layer.qweight.copy_(codes.view(torch.int32))
@@ -133,7 +141,8 @@ def load_mlx(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.
     layers, tied = quant_layers(model), bool(getattr(model.config, "tie_word_embeddings", False))
     missing = [k for k in missing if k.rsplit(".", 1)[0] not in layers and not (tied and k == "lm_head.weight")]
     if unexpected or missing:
-        raise ValueError(f"{path}: tensors {(unexpected or missing)[:3]} do not match config.json's model")
+        raise ValueError(f"{path}: tensors do not match config.json's model: unexpected {unexpected[:3]}, "
+                         f"missing {missing[:3]}")
     if tied:
         model.tie_weights()
     return model.eval()

@@ -21,12 +21,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lowbit_ft.adapters import adapted_layers, attach
+from lowbit_ft.convert import quant_layers
 
 PREFIX = "base_model.model."
+# settings that change what the adapter computes beyond ΔW = s·B·A (a truthy value is refused by name)
 UNSUPPORTED = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
                "modules_to_save": "modules_to_save (fully trained modules)", "rank_pattern": "rank_pattern",
-               "alpha_pattern": "alpha_pattern", "layer_replication": "layer_replication", "use_alora": "aLoRA",
-               "trainable_token_indices": "trainable_token_indices"}
+               "alpha_pattern": "alpha_pattern", "layer_replication": "layer_replication",
+               "alora_invocation_tokens": "aLoRA", "trainable_token_indices": "trainable_token_indices",
+               "lora_bias": "lora_bias", "use_bdlora": "BD-LoRA", "kasa_config": "KaSA",
+               "monteclora_config": "MonteCLoRA", "velora_config": "VeLoRA"}
 
 
 def read_peft_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -60,12 +64,21 @@ def attach_peft_adapter(model: nn.Module, path: str | os.PathLike) -> str:
         if part not in ("A.weight", "B.weight"):
             raise ValueError(f"--peft_adapter {path}: tensor {key} is not a LoRA A/B weight")
         modules.setdefault(module, {})[part[0]] = value
+    for module, parts in modules.items():
+        if set(parts) != {"A", "B"}:
+            raise ValueError(f"--peft_adapter {path}: {module} has lora_{''.join(parts)} only; a LoRA layer "
+                             "has A and B")
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     name = "qa_lora" if config.get("use_qalora") else "lora"
     hparams = {"r": r, "alpha": alpha}
     if name == "qa_lora":
-        hparams["group_size"] = int(config.get("qalora_group_size", 16))
+        hparams["group_size"] = group = int(config.get("qalora_group_size", 16))  # 16: PEFT's default
+        base_groups = {layer.block_in for layer in quant_layers(model).values()}
+        if any(group % g for g in base_groups):
+            raise ValueError(f"--peft_adapter {path}: qalora_group_size {group} is not a multiple of the base's group "
+                             f"size {sorted(base_groups)}, so its ΔW is not constant on the base's groups and cannot "
+                             "merge into the zeros; train it with qalora_group_size equal to the base's group size")
     attach(model, name, sorted({m.rsplit(".", 1)[-1] for m in modules}), **hparams)
     layers = adapted_layers(model)
     missing = sorted(set(modules) - set(layers))

@@ -268,3 +268,37 @@ def test_gguf_names_the_byte_level_pre_tokenizer_llama_cpp_knows(pre, name):
     from lowbit_ft.gguf_format import _bpe_pre_tokenizer
 
     assert _bpe_pre_tokenizer(pre) == name
+
+
+@pytest.mark.parametrize(("fmt", "change", "dtype", "message"), [
+    ("gguf", {"model_type": "qwen2"}, torch.float16, "model_type 'qwen2' is not written by this exporter"),
+    ("gguf", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}, torch.float16,
+     "rope scaling 'llama3' is not written by this exporter"),
+    ("mlx", {}, torch.bfloat16, "float16 scales do not fit torch.bfloat16 exactly; export with --dtype float16"),
+])
+def test_check_refuses_before_anything_is_written(fmt, change, dtype, message, smol_tokenizer):
+    """exporters.check is what the CLI runs before the merge check and QuantizedExport before training:
+    it catches what the writers would refuse only at the end."""
+    from lowbit_ft.exporters import check
+
+    model = adapted(layout=BlockLayout.group(4, 64), vocab=49152)
+    for key, value in change.items():
+        setattr(model.config, key, value)
+    with pytest.raises(ValueError, match=message):
+        check(model, fmt, smol_tokenizer, dtype)
+
+
+@pytest.mark.parametrize(("drop", "message"), [
+    ("model.layers.0.mlp.down_proj.biases", "quantized tensor model.layers.0.mlp.down_proj does not match"),
+    ("model.norm.weight", r"missing \['model.norm.weight'\]"),
+])
+def test_damaged_mlx_directory_is_one_clear_error(drop, message, tmp_path, smol_tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    path = export(adapted(layout=BlockLayout.group(4, 64), vocab=49152), tmp_path / "mlx", format="mlx",
+                  tokenizer=smol_tokenizer)
+    weights = load_file(path / "model.safetensors")
+    del weights[drop]
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(ValueError, match=message):
+        load_mlx(path)

@@ -290,7 +290,7 @@ PEFT_TRAIN = textwrap.dedent("""
     model = AutoModelForCausalLM.from_pretrained(base, quantization_config=GPTQConfig(bits=4, backend="torch"),
                                                  device_map="cpu", dtype=torch.float32)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                        "up_proj", "down_proj"], use_qalora=qalora, qalora_group_size=64,
+                        "up_proj", "down_proj"], use_qalora=qalora, qalora_group_size=32,
                         init_lora_weights=False, task_type="CAUSAL_LM")
     torch.manual_seed(0)
     peft_model = get_peft_model(model, config).eval()
@@ -314,7 +314,7 @@ def test_peft_adapter_merges_to_what_peft_computes(qalora, formats, tiny_model_d
     from lowbit_ft.cli import main
 
     model, tokenizer = load_model(str(tiny_model_dir))
-    quantize_model(model, BlockLayout.group(4, 64), progress=False)
+    quantize_model(model, BlockLayout.group(4, 32), progress=False)  # g = 32: PEFT's in/g is 2 to 4 here
     export(model, tmp_path / "base", format="gptq", tokenizer=tokenizer)
     done = subprocess.run([sys.executable, "-c", PEFT_TRAIN, str(tmp_path / "base"), str(tmp_path / "peft"),
                            "1" if qalora else "0"], capture_output=True, text=True, timeout=600)
