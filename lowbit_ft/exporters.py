@@ -66,10 +66,7 @@ def round_zeros_error(model: nn.Module) -> float:
     return worst
 
 
-def check(model: nn.Module, format: str, tokenizer=None, dtype: torch.dtype = torch.float16) -> None:
-    """Refuse, in one line, a format that cannot hold `model` with `tokenizer` in `dtype` (a layout, code width,
-    architecture or tokenizer it has no room for) before anything heavy runs: the CLI calls this before the
-    merge check, `QuantizedExport` before training."""
+def _check_mergeable(model: nn.Module, format: str) -> None:
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is unknown: use one of {FORMATS}")
     if format == "hf":
@@ -79,6 +76,13 @@ def check(model: nn.Module, format: str, tokenizer=None, dtype: torch.dtype = to
             raise ValueError(f"{name}: " + misaligned_message(wrapped.adapter_name, wrapped.adapter.tile,
                                                               wrapped.base.layout).replace("merge_dense(model)",
                                                                                            "--format hf"))
+
+
+def check(model: nn.Module, format: str, tokenizer=None, dtype: torch.dtype = torch.float16) -> None:
+    """Refuse, in one line, a format that cannot hold `model` with `tokenizer` in `dtype` (a layout, code width,
+    architecture or tokenizer it has no room for) before anything heavy runs: the CLI calls this before the
+    merge check, `QuantizedExport` before training."""
+    _check_mergeable(model, format)
     if format == "gguf":
         check_gguf(model, tokenizer)
     elif format == "mlx":
@@ -89,8 +93,9 @@ def check(model: nn.Module, format: str, tokenizer=None, dtype: torch.dtype = to
 def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "lowbit", tokenizer=None,
            dtype: torch.dtype = torch.float16, round_zeros: bool = False, overwrite: bool = False,
            merge_figures: dict | None = None) -> Path:
-    """Write `model` (a HF causal LM with QuantLinear layers, with or without adapters) as `format`."""
-    check(model, format, tokenizer, dtype)
+    """Write `model` (a HF causal LM with QuantLinear layers, with or without adapters) as `format`.
+    save_gguf / save_mlx run their format's check themselves, before writing anything."""
+    _check_mergeable(model, format)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output {out_dir} already exists; choose another path or pass --overwrite")

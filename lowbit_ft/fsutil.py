@@ -53,11 +53,11 @@ def default_permissions(root: Path) -> None:
 
 
 def write_checkpoint(model: nn.Module, out_dir: str | os.PathLike, packed: dict[str, torch.Tensor],
-                     quantization_config: dict, tokenizer=None, dtype: torch.dtype = torch.float16,
-                     overwrite: bool = False, model_card: str | None = None) -> Path:
+                     quantization_config: dict | None, tokenizer=None, dtype: torch.dtype = torch.float16,
+                     overwrite: bool = False, model_card: str | None = None, config: dict | None = None) -> Path:
     """A HF-style checkpoint directory, atomically: `packed` (the quantized layers' tensors, stored as
-    given) plus every other tensor of the model in `dtype` (tied weights once), config.json with
-    `quantization_config`, the tokenizer and an optional model card."""
+    given) plus every other tensor of the model in `dtype` (tied weights once), config.json (the model's
+    with `quantization_config`, or `config` as given), the tokenizer and an optional model card."""
     owners = {key.rsplit(".", 1)[0] for key in packed}
     tensors, seen = dict(packed), set()
     for key, value in model.state_dict().items():
@@ -65,9 +65,10 @@ def write_checkpoint(model: nn.Module, out_dir: str | os.PathLike, packed: dict[
             continue
         seen.add(value.data_ptr())  # lm_head tied to embed_tokens is stored once
         tensors[key] = value.to(dtype) if value.is_floating_point() else value
-    config = model.config.to_dict()
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config["quantization_config"] = quantization_config
+    if config is None:
+        config = model.config.to_dict()
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config["quantization_config"] = quantization_config
     with atomic_directory(out_dir, overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

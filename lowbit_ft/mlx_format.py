@@ -15,11 +15,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lowbit_ft.convert import quant_layers, set_submodule
-from lowbit_ft.fsutil import atomic_directory
+from lowbit_ft.fsutil import write_checkpoint
 from lowbit_ft.layout import BlockLayout
 from lowbit_ft.quant_linear import QuantLinear
 
@@ -77,27 +77,14 @@ def mlx_config(model: nn.Module, layout: BlockLayout, dtype: torch.dtype) -> dic
 
 def save_mlx(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dtype: torch.dtype = torch.float16,
              overwrite: bool = False, model_card: str | None = None) -> Path:
-    """Write a model whose linears are (1, g) QuantLinears as an mlx-lm directory, atomically. Every
-    other floating tensor, and the scales and biases, are stored in `dtype` (tied weights once)."""
+    """Write a model whose linears are (1, g) QuantLinears as an mlx-lm directory, atomically (through the
+    one HF-style checkpoint writer). Every other floating tensor, and the scales and biases, are stored in
+    `dtype` (tied weights once)."""
     layout = check_mlx(model, dtype)
-    layers = quant_layers(model)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        tensors.update({f"{name}.{key}": value for key, value in mlx_tensors(layer, dtype).items()})
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    for key, value in model.state_dict().items():
-        if key.rsplit(".", 1)[0] in layers or (tied and key == "lm_head.weight") or "rotary_emb" in key:
-            continue
-        tensors[key] = value.to(dtype) if value.is_floating_point() else value
-    with atomic_directory(out_dir, overwrite) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "model.safetensors",
-                  metadata={"format": "mlx"})
-        (tmp / "config.json").write_text(json.dumps(mlx_config(model, layout, dtype), indent=2, sort_keys=True))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if model_card:
-            (tmp / "README.md").write_text(model_card)
-    return Path(out_dir)
+    packed = {f"{name}.{key}": value.detach().cpu() for name, layer in quant_layers(model).items()
+              for key, value in mlx_tensors(layer, dtype).items()}
+    return write_checkpoint(model, out_dir, packed, None, tokenizer, dtype, overwrite, model_card,
+                            config=mlx_config(model, layout, dtype))
 
 
 @torch.no_grad()
