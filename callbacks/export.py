@@ -8,9 +8,9 @@ from pathlib import Path
 import lightning as L
 
 from lowbit_ft.callbacks.merge_check import MergeCheck
+from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.exporters import FORMATS, check, export
 from lowbit_ft.loading import load_tokenizer
-from lowbit_ft.precision import DTYPES
 
 
 class QuantizedExport(L.Callback):
@@ -26,9 +26,8 @@ class QuantizedExport(L.Callback):
     def __init__(self, output: str, format: str = "lowbit", dtype: str = "float16", overwrite: bool = False) -> None:
         if format not in FORMATS:
             raise ValueError(f"QuantizedExport format={format!r} is unknown: use one of {FORMATS}")
-        if dtype not in DTYPES:
-            raise ValueError(f"QuantizedExport dtype={dtype!r} is unknown: use one of {sorted(DTYPES)}")
-        self.output, self.format, self.dtype, self.overwrite = Path(output), format, DTYPES[dtype], overwrite
+        self.dtype = parse_dtype(dtype, "QuantizedExport dtype")
+        self.output, self.format, self.overwrite = Path(output), format, overwrite
         self.path: Path | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -37,8 +36,11 @@ class QuantizedExport(L.Callback):
 
     @staticmethod
     def _tokenizer(pl_module: L.LightningModule):
-        base = getattr(pl_module.hparams, "base", None)
-        return load_tokenizer(base) if base else None
+        built = getattr(pl_module, "base", None)  # LowBitModule's QuantizedBase carries its tokenizer
+        if getattr(built, "tokenizer", None) is not None:
+            return built.tokenizer
+        source = getattr(pl_module.hparams, "base", None)
+        return load_tokenizer(source) if source else None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:

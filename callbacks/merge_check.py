@@ -22,7 +22,8 @@ from torch import nn
 from lowbit_ft.adapters import AdaptedLinear, adapted_layers, merge_into, merged_view
 from lowbit_ft.adapters.base import aligned
 from lowbit_ft.convert import set_submodule
-from lowbit_ft.quant_linear import QuantLinear
+from lowbit_ft.data import next_token_labels
+from lowbit_ft.quant_linear import QuantLinear, restored_zeros
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,9 @@ def _layer_error(wrapped: AdaptedLinear, x: torch.Tensor, worst_abs: float, wors
     """Merged layer vs base + adapter on input x (float32); returns the running worst abs / rel error."""
     reference = wrapped.base(x) + wrapped.adapter(x)
     if aligned(wrapped.adapter.tile, wrapped.base.layout):
-        saved = wrapped.base.zeros.clone()
-        merge_into(wrapped.base, wrapped.adapter, wrapped.adapter_name)
-        merged = wrapped.base(x)
-        wrapped.base.zeros.copy_(saved)
+        with restored_zeros([wrapped.base]):
+            merge_into(wrapped.base, wrapped.adapter, wrapped.adapter_name)
+            merged = wrapped.base(x)
     else:
         merged = _DenseMerged(wrapped, requantize=False)(x)
     diff = (merged - reference).abs().max().item()
@@ -99,9 +99,9 @@ def layer_errors(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def _compare(reference: torch.Tensor, other: torch.Tensor, labels: torch.Tensor, prefix: str) -> dict[str, float]:
-    mask = labels[:, 1:] != -100
+    target, mask = next_token_labels(labels)
     ref, got = reference[:, :-1][mask].float(), other[:, :-1][mask].float()
-    target = labels[:, 1:][mask]
+    target = target[mask]
     loss = nn.functional.cross_entropy
     return {
         f"{prefix}/max_abs_logit": (got - ref).abs().max().item(),

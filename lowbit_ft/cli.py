@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import sys
 from argparse import ArgumentError
 from pathlib import Path
@@ -13,27 +14,28 @@ from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
 from lowbit_ft.adapters import save_adapters
+from lowbit_ft.base import DEFAULT_GROUP_SIZE, QuantSpec, cache_root, fingerprint, read_record
 from lowbit_ft.callbacks.merge_check import MergeMismatchError, check_merge
 from lowbit_ft.convert import dequantize_model, quant_layers
-from lowbit_ft.data import InstructionDataModule, read_records
+from lowbit_ft.data import IGNORE_INDEX, InstructionDataModule, read_records
+from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.evaluate import evaluate_task, perplexity
 from lowbit_ft.exporters import FORMATS as EXPORT_FORMATS
 from lowbit_ft.exporters import check as check_format
 from lowbit_ft.exporters import export as export_model
-from lowbit_ft.fsutil import write_json
+from lowbit_ft.fsutil import refuse_existing, write_json, write_text
+from lowbit_ft.generate import generate_answers
 from lowbit_ft.gptq_format import save_gptq
-from lowbit_ft.layout import BlockLayout
-from lowbit_ft.loading import load_model, load_quantized, load_tokenizer
+from lowbit_ft.loading import BUILTIN_SMOLLM2, load_model, load_quantized, load_tokenizer
+from lowbit_ft.lowbit_format import save_lowbit
 from lowbit_ft.module import LowBitModule, NonFiniteLossError
-from lowbit_ft.precision import DTYPES, LowBitPrecision
-from lowbit_ft.quantizer import check_method
 from lowbit_ft.report import QuantReport, logits_of, probe_batch, quantize_and_report
 
 
 def quantize(
     model: str = "smollm2",
     bits: int = 4,
-    group_size: int = 64,
+    group_size: int = DEFAULT_GROUP_SIZE,
     block_out: int = 1,
     method: str = "rtn",
     symmetric: bool = False,
@@ -41,15 +43,17 @@ def quantize(
     calibration_data: str = "builtin:demo",
     calibration_samples: int = 64,
     calibration_length: int = 256,
+    calibration_mode: Literal["concat", "per_record"] = "concat",
     output: Path | None = None,
-    checkpoint_format: str = "gptq_v2",
+    checkpoint_format: Literal["auto", "gptq_v2", "gptq", "lowbit"] = "auto",
     overwrite: bool = False,
 ) -> QuantReport:
     """Quantize a model's linear layers to packed INT-b and report size and error.
 
     Prints bits, block layout, packed bytes vs fp16 bytes, bytes per parameter, and the relative
     logit error and top-1 agreement against the unquantized model on a fixed batch. With --output,
-    also writes a GPTQ checkpoint, reloads it, and checks that it gives the same logits.
+    also writes the quantized model, reloads it, and checks that it gives the same logits; the
+    directory then serves as model.base of a fit (e.g. a GPTQ base in QA-HiRA's (8, 4) blocks).
 
     Args:
         model: 'smollm2' (the built-in SmolLM2-135M-Instruct), a .gguf file, or a HF model directory.
@@ -62,48 +66,47 @@ def quantize(
             (reported) instead of stopping with an error.
         calibration_data: for gptq: an Alpaca .json/.jsonl file or 'builtin:demo' (its text is the calibration set).
         calibration_samples: for gptq: number of calibration sequences.
-        calibration_length: for gptq: tokens per calibration sequence (records are concatenated and cut).
-        output: directory to write the quantized model to (GPTQ format; needs block_out=1).
-        checkpoint_format: 'gptq_v2' (stores z; right for asymmetric weights) or 'gptq' (v1, stores z-1).
+        calibration_length: for gptq: tokens per calibration sequence.
+        calibration_mode: for gptq: 'concat' (records joined and cut into samples × length tokens) or
+            'per_record' (one sequence per record, cut at length; for files of many short records).
+        output: directory to write the quantized model to.
+        checkpoint_format: 'auto' (gptq_v2 for (1, g) groups, else lowbit), 'gptq_v2' (stores z),
+            'gptq' (v1, stores z-1), or 'lowbit' (the project's format: any block layout).
         overwrite: replace an existing --output directory.
     """
-    layout = BlockLayout(bits=bits, block_out=block_out, block_in=group_size)
-    check_method(method)  # fail on a typo before the model loads
-    if output is not None and Path(output).exists() and not overwrite:
-        raise FileExistsError(f"output {output} already exists; choose another path or pass --overwrite")
+    spec = QuantSpec(bits=bits, group_size=group_size, block_out=block_out, method=method, symmetric=symmetric,
+                     skip_indivisible=skip_indivisible, calibration_data=calibration_data,
+                     calibration_samples=calibration_samples, calibration_length=calibration_length,
+                     calibration_mode=calibration_mode)  # a typo fails here, before the model loads
+    if checkpoint_format == "auto":
+        checkpoint_format = "gptq_v2" if block_out == 1 else "lowbit"
+    elif checkpoint_format != "lowbit" and block_out != 1:
+        raise ValueError(f"--checkpoint_format {checkpoint_format}: GPTQ holds (1, g) groups only; "
+                         f"block_out={block_out} needs --checkpoint_format lowbit (or auto)")
+    if output is not None:
+        refuse_existing(output, overwrite)
     float_model, tokenizer = load_model(model)
     batch = probe_batch(tokenizer, float_model.config.vocab_size)
-    calibration = None
-    if method == "gptq":
-        calibration = calibration_ids(tokenizer, calibration_data, calibration_samples, calibration_length)
-    report = quantize_and_report(float_model, batch, layout, method, symmetric, skip_indivisible, calibration)
+    report = quantize_and_report(float_model, batch, spec, tokenizer)
     print(f"model                 {model}")
     print("\n".join(report.lines()))
+    print(f"fingerprint           {fingerprint(float_model)}")
     if output is not None:
-        save_gptq(float_model, output, checkpoint_format, tokenizer, dtype=torch.float32, overwrite=overwrite)
-        reloaded = load_quantized(output, dtype=torch.float32)
+        if checkpoint_format == "lowbit":
+            save_lowbit(float_model, output, tokenizer, dtype=torch.float32, overwrite=overwrite)
+        else:
+            save_gptq(float_model, output, checkpoint_format, tokenizer, dtype=torch.float32, overwrite=overwrite)
+        reloaded = load_quantized(output)
         before, after = logits_of(float_model, batch), logits_of(reloaded, batch)
         print(f"reloaded max |Δlogit| {float((after - before).abs().max()):.3g}  (written and read back)")
-        print(f"saved to              {Path(output).resolve()}")
+        print(f"saved ({checkpoint_format})".ljust(22) + f"{Path(output).resolve()}")
     return report
 
 
-def calibration_ids(tokenizer, path: str, samples: int, length: int) -> torch.Tensor:
-    """GPTQ calibration token ids (samples × length) from instruction records, concatenated and cut."""
-    if tokenizer is None:
-        raise ValueError("method='gptq' needs a tokenizer for its calibration text; use a model directory with one")
-    records = read_records(path)
-    text = "\n\n".join(f"{r['instruction']}\n{r.get('input') or ''}\n{r['output']}" for r in records)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < samples * length:
-        raise ValueError(f"calibration_data={path!r} holds {len(ids)} tokens, fewer than calibration_samples × "
-                         f"calibration_length = {samples * length}; lower them or give more text")
-    return torch.tensor(ids[: samples * length]).reshape(samples, length)
-
-
-def module_from_checkpoint(checkpoint: Path) -> LowBitModule:
-    """Rebuild a trained LowBitModule from an adapter-only checkpoint: its base, quantized with the recorded
-    LowBitPrecision settings, plus the adapter weights. Loads with weights_only=True (no pickles)."""
+def module_from_checkpoint(checkpoint: Path, base: str | None = None) -> LowBitModule:
+    """Rebuild a trained LowBitModule from an adapter-only checkpoint: the base it recorded (from the base
+    cache, or quantized again with the recorded spec; `base` points at a moved one), checked against the
+    recorded fingerprint, plus the adapter weights. Loads with weights_only=True (no pickles)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: file not found")
@@ -111,16 +114,38 @@ def module_from_checkpoint(checkpoint: Path) -> LowBitModule:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated / foreign files
         raise ValueError(f"--checkpoint {checkpoint}: not a readable checkpoint ({type(err).__name__})") from None
-    if "lowbit_precision" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"--checkpoint {checkpoint}: not a lowbit-ft training checkpoint (no lowbit_precision "
-                         "settings); export one written by lowbit-ft fit")
+    if "hyper_parameters" not in ckpt or not ({"lowbit_base", "lowbit_precision"} & set(ckpt)):
+        raise ValueError(f"--checkpoint {checkpoint}: not a lowbit-ft training checkpoint (no record of its "
+                         "quantized base); export one written by lowbit-ft fit")
     accepted = inspect.signature(LowBitModule.__init__).parameters
     module = LowBitModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if k in accepted})
-    settings = ckpt["lowbit_precision"]  # None: the base was already quantized (a GPTQ/lowbit directory)
-    module.build_model(LowBitPrecision(**settings) if settings else None)
-    module.on_load_checkpoint(ckpt)  # same adapter keys, or a one-line error
+    if base is not None:
+        module.hparams.base = str(base)
+    record = ckpt.get("lowbit_base")
+    if record is not None:
+        spec, dtype = read_record(record, f"--checkpoint {checkpoint}")
+        cache_key = None if base is not None else record.get("cache_key")
+    else:  # written before bases were fingerprinted: the plugin's settings only, nothing to verify against
+        spec, dtype, cache_key = legacy_spec(ckpt["lowbit_precision"])
+    source = module.hparams.base
+    cached = cache_key is not None and (cache_root() / cache_key).is_dir()
+    if not cached and source != BUILTIN_SMOLLM2 and not Path(source).exists():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: its base {source!r} is not there (moved?): pass "
+                                "--base with the base it was trained on (its quantized directory, or the float "
+                                "model, quantized again and checked)")
+    module.build_model(spec, dtype, cache_key=cache_key)
+    module.on_load_checkpoint(ckpt)  # same adapter keys and base fingerprint, or a one-line error
     module.load_state_dict(ckpt["state_dict"], strict=False)
     return module.eval()
+
+
+def legacy_spec(settings: dict | None) -> tuple[QuantSpec | None, torch.dtype, None]:
+    """(spec, dtype, no cache entry) from the LowBitPrecision arguments older checkpoints stored."""
+    if settings is None:
+        return None, torch.float32, None
+    keys = ("bits", "group_size", "block_out", "method", "symmetric", "targets", "ignore_modules")
+    spec = QuantSpec(**{k: settings[k] for k in keys if settings.get(k) is not None})
+    return spec, parse_dtype(settings.get("dtype", "float32"), "checkpoint dtype"), None
 
 
 def export(output: Path, checkpoint: Path | None = None, format: str = "lowbit", dtype: str = "float16",
@@ -143,21 +168,21 @@ def export(output: Path, checkpoint: Path | None = None, format: str = "lowbit",
         overwrite: replace an existing output directory.
         peft_adapter: a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to merge
             instead of a checkpoint; needs --base.
-        base: with --peft_adapter: the quantized base it was trained on (a GPTQ or lowbit directory).
+        base: the quantized base the adapters were trained on: required with --peft_adapter (a GPTQ or
+            lowbit directory); with --checkpoint, where its base is now if it moved (its quantized
+            directory, or the float model to quantize again); checked against the checkpoint's fingerprint.
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"--format {format!r} is unknown: use one of {EXPORT_FORMATS}")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is unknown: use one of {sorted(DTYPES)}")
+    storage = parse_dtype(dtype, "--dtype")
     if (checkpoint is None) == (peft_adapter is None):
         raise ValueError("give either --checkpoint (a lowbit-ft fit checkpoint) or --peft_adapter with --base")
-    if (peft_adapter is None) != (base is None):
-        raise ValueError("--peft_adapter and --base go together (a checkpoint names its own base)")
-    if Path(output).exists() and not overwrite:
-        raise FileExistsError(f"output {output} already exists; choose another path or pass --overwrite")
+    if peft_adapter is not None and base is None:
+        raise ValueError("--peft_adapter needs --base: the GPTQ or lowbit directory the adapter was trained on")
+    refuse_existing(output, overwrite)
     if checkpoint is not None:
-        module = module_from_checkpoint(checkpoint)
-        model, tokenizer = module.model, load_tokenizer(module.hparams.base)
+        module = module_from_checkpoint(checkpoint, base)
+        model, tokenizer = module.model, module.base.tokenizer or load_tokenizer(module.hparams.base)
     else:
         from lowbit_ft.peft_adapter import attach_peft_adapter, read_peft_adapter
 
@@ -168,12 +193,12 @@ def export(output: Path, checkpoint: Path | None = None, format: str = "lowbit",
         if not quant_layers(model):
             raise ValueError(f"--base {base}: not a quantized model (GPTQ or lowbit directory)")
         attach_peft_adapter(model, peft_adapter)
-    check_format(model, format, tokenizer, DTYPES[dtype])  # what a format cannot hold fails before the merge check
+    check_format(model, format, tokenizer, storage)  # what a format cannot hold fails before the merge check
     batch = probe_batch(tokenizer, model.config.vocab_size)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
     figures = check_merge(model, {**batch, "labels": labels})
     print("merge check           " + ", ".join(f"{k}={v:.3g}" for k, v in figures.items()))
-    path = export_model(model, output, format, tokenizer, dtype=DTYPES[dtype], round_zeros=round_zeros,
+    path = export_model(model, output, format, tokenizer, dtype=storage, round_zeros=round_zeros,
                         overwrite=overwrite, merge_figures=figures)
     print(f"exported ({format})     {Path(path).resolve()}")
     return path
@@ -183,7 +208,7 @@ def load_for_eval(model: str, dequantize: bool = False):
     """(model in eval mode, tokenizer) from any source `lowbit-ft eval` and `harness` accept."""
     if str(model).endswith(".ckpt"):
         module = module_from_checkpoint(Path(model))
-        lm, tokenizer = module.model, load_tokenizer(module.hparams.base)
+        lm, tokenizer = module.model, module.base.tokenizer or load_tokenizer(module.hparams.base)
     else:
         lm, tokenizer = load_model(str(model))
         if tokenizer is None:
@@ -191,6 +216,30 @@ def load_for_eval(model: str, dequantize: bool = False):
     if dequantize:
         dequantize_model(lm)
     return lm.eval(), tokenizer
+
+
+def generate(model: str, prompt: list[str], max_new_tokens: int = 64,
+             template: Literal["alpaca", "chat", "none"] = "alpaca", output: Path | None = None) -> list[dict]:
+    """Answer prompts with a model (greedy): a fit checkpoint, an exported directory, a .gguf or 'smollm2'.
+
+    Args:
+        model: a training .ckpt (adapters on their low-bit base), an exported / GPTQ / lowbit / MLX / HF
+            directory, a .gguf file, or 'smollm2'.
+        prompt: instructions to answer; repeat --prompt for several.
+        max_new_tokens: tokens generated per answer at most.
+        template: the prompt template the model was fine-tuned with (as data.template); 'none': as given.
+        output: also write {prompt, answer} records as JSONL here (refused if it exists).
+    """
+    if output is not None:
+        refuse_existing(output, None, "--output")
+    lm, tokenizer = load_for_eval(model)
+    answers = generate_answers(lm, tokenizer, prompt, max_new_tokens, template)
+    records = [{"prompt": p, "answer": a} for p, a in zip(prompt, answers, strict=True)]
+    for record in records:
+        print(f"> {record['prompt']}\n{record['answer']}\n")
+    if output is not None:
+        write_text(output, "".join(json.dumps(r) + "\n" for r in records))
+    return records
 
 
 def evaluate(model: str, data: list[str], output: Path | None = None, limit: int | None = None,
@@ -212,8 +261,8 @@ def evaluate(model: str, data: list[str], output: Path | None = None, limit: int
         dequantize: dequantize the packed weights once, to float32, before scoring: the same function,
             several times faster on a CPU (whose torch path dequantizes on every forward), 4-8× the memory.
     """
-    if output is not None and Path(output).exists():
-        raise FileExistsError(f"--output {output} already exists; choose another path")
+    if output is not None:
+        refuse_existing(output)
     lm, tokenizer = load_for_eval(model, dequantize)
     results = {"model": str(model), "tasks": {}}
     for path in data:
@@ -250,8 +299,8 @@ def harness(model: str, tasks: list[str], include_path: Path | None = None, incl
     """
     from lowbit_ft.harness import run_harness  # lm-eval is an optional extra: imported on use
 
-    if output is not None and Path(output).exists():
-        raise FileExistsError(f"--output {output} already exists; choose another path")
+    if output is not None:
+        refuse_existing(output)
     lm, tokenizer = load_for_eval(model, dequantize)
     results = run_harness(lm, tokenizer, tasks, include_path, include_defaults, num_fewshot, limit, batch_size)
     for task, metrics in results.items():
@@ -265,6 +314,11 @@ def harness(model: str, tasks: list[str], include_path: Path | None = None, incl
 
 class LowBitCLI(LightningCLI):
     """LightningCLI for LowBitModule + InstructionDataModule; the tokenizer follows model.base."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # test / predict have no step here: held-out scoring is `lowbit-ft eval`, generation `generate`
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in LIGHTNING_COMMANDS}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.base", "data.tokenizer")
@@ -286,10 +340,10 @@ class LowBitCLI(LightningCLI):
 LIGHTNING_COMMANDS = {
     "fit": "train adapters on a low-bit base: lowbit-ft fit --config recipes/quickstart.yaml",
     "validate": "run the validation loop on a checkpoint (--ckpt_path)",
-    "test": "run the test loop on a checkpoint (--ckpt_path)",
-    "predict": "run prediction on a checkpoint (--ckpt_path)",
 }
-PROJECT_COMMANDS = {"quantize": quantize, "export": export, "eval": evaluate, "harness": harness}
+PROJECT_COMMANDS = {"quantize": quantize, "export": export, "generate": generate, "eval": evaluate,
+                    "harness": harness}
+LIST_OPTIONS = ("--data", "--prompt")  # repeatable: each occurrence adds one item
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError, MergeMismatchError)
 
 
@@ -313,8 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[0] in PROJECT_COMMANDS:
             # `--data a --data b` appends (jsonargparse would read a lone list value as a file of items)
-            argv = [f"--data+={argv[i + 1]}" if a == "--data" and i + 1 < len(argv) else a
-                    for i, a in enumerate(argv) if not (i > 0 and argv[i - 1] == "--data")]
+            argv = [f"{a}+={argv[i + 1]}" if a in LIST_OPTIONS and i + 1 < len(argv) else a
+                    for i, a in enumerate(argv) if not (i > 0 and argv[i - 1] in LIST_OPTIONS)]
             CLI(PROJECT_COMMANDS, args=argv, as_positional=False, description=overview())
         else:
             LowBitCLI(LowBitModule, InstructionDataModule, args=None if from_shell else argv,

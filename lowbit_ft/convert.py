@@ -41,44 +41,15 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-@torch.no_grad()
-def quantize_model(
-    model: nn.Module,
-    layout: BlockLayout,
-    method: str = "rtn",
-    targets: tuple[str, ...] | list[str] | None = None,
-    *,
-    exclude: tuple[str, ...] | list[str] = (),
-    calibration: torch.Tensor | None = None,
-    symmetric: bool = False,
-    scale_dtype: torch.dtype = torch.float16,
-    zero_dtype: torch.dtype = torch.float32,
-    skip_indivisible: bool = False,
-    progress: bool = True,
-) -> nn.Module:
-    """Replace every target `nn.Linear` of `model` by a `QuantLinear`, layer by layer, in place.
-
-    Each float weight is released as soon as its layer is packed, so peak memory stays at the
-    input model's size. Every layer's shape is checked against `layout` before anything changes:
-    a layer the layout does not fit is an error, or with `skip_indivisible=True` stays in 16 bit
-    (logged; e.g. SmolLM2's 576-wide inputs with g = 128). `exclude` lists module-name prefixes to
-    leave alone (e.g. "model.layers.0."). `method="gptq"` needs `calibration` token ids (batch × seq)
-    and quantizes block by block on them (see `lowbit_ft.gptq`). Returns the same model.
-    """
-    if method == "gptq":
-        if calibration is None:
-            raise ValueError("method='gptq' needs calibration token ids: quantize_model(..., calibration=ids)")
-        if exclude or skip_indivisible:
-            raise ValueError("method='gptq' quantizes every target: exclude / skip_indivisible are for 'rtn'")
-        from lowbit_ft.gptq import gptq_quantize_model  # gptq builds on this module
-
-        return gptq_quantize_model(model, layout, calibration, targets, symmetric=symmetric,
-                                   scale_dtype=scale_dtype, zero_dtype=zero_dtype, progress=progress)
-    names, skipped = [], []
+def quantizable(model: nn.Module, layout: BlockLayout, targets: tuple[str, ...] | list[str] | None = None,
+                exclude: tuple[str, ...] | list[str] = (), skip_indivisible: bool = False) -> list[str]:
+    """The target linears `layout` will quantize. Every shape is checked before anything changes: a layer
+    the layout does not fit is an error, or with `skip_indivisible` stays in 16 bit (logged)."""
     candidates = target_linears(model, targets, exclude)
     if not candidates:
         raise ValueError(f"targets: no nn.Linear named {list(targets or DEFAULT_TARGETS)} in the model; "
                          "check the module names")
+    names, skipped = [], []
     for name in candidates:
         linear = model.get_submodule(name)
         try:
@@ -93,6 +64,42 @@ def quantize_model(
                     len(skipped), len(skipped) + len(names), layout, skipped[0])
     if not names:
         raise ValueError(f"layout {layout} fits none of the target linears; choose another group size")
+    return names
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    layout: BlockLayout,
+    method: str = "rtn",
+    targets: tuple[str, ...] | list[str] | None = None,
+    *,
+    exclude: tuple[str, ...] | list[str] = (),
+    calibration: torch.Tensor | list[torch.Tensor] | None = None,
+    symmetric: bool = False,
+    scale_dtype: torch.dtype = torch.float16,
+    zero_dtype: torch.dtype = torch.float32,
+    skip_indivisible: bool = False,
+    damp: float = 0.01,
+    progress: bool = True,
+) -> nn.Module:
+    """Replace every target `nn.Linear` of `model` by a `QuantLinear`, layer by layer, in place.
+
+    Each float weight is released as soon as its layer is packed, so peak memory stays at the
+    input model's size. Which layers: `quantizable` (e.g. SmolLM2's 576-wide inputs with g = 128 are an
+    error, or stay 16-bit with `skip_indivisible=True`); `exclude` lists module-name prefixes to leave
+    alone (e.g. "model.layers.0."). `method="gptq"` needs `calibration` token ids (one batch × seq
+    tensor, or a list of them) and quantizes block by block on them (see `lowbit_ft.gptq`). Returns
+    the same model.
+    """
+    names = quantizable(model, layout, targets, exclude, skip_indivisible)
+    if method == "gptq":
+        if calibration is None:
+            raise ValueError("method='gptq' needs calibration token ids: quantize_model(..., calibration=ids)")
+        from lowbit_ft.gptq import gptq_quantize_model  # gptq builds on this module
+
+        return gptq_quantize_model(model, layout, calibration, names, symmetric=symmetric, scale_dtype=scale_dtype,
+                                   zero_dtype=zero_dtype, damp=damp, progress=progress)
     for name in tqdm(names, desc=f"quantizing to {layout}", disable=not progress, leave=False):
         linear = model.get_submodule(name)
         quantized = QuantLinear.from_linear(
@@ -114,11 +121,5 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     weight, in place. The same function with the dequantization done once instead of on every forward:
     what evaluation on a CPU wants, where the torch reference path re-dequantizes each call."""
     for name, layer in quant_layers(model).items():
-        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype,
-                          device=layer.qweight.device)
-        dense.weight.copy_(layer.dequantize(dtype))
-        if layer.bias is not None:
-            dense.bias.copy_(layer.bias)
-        dense.requires_grad_(False)
-        set_submodule(model, name, dense)
+        set_submodule(model, name, layer.to_linear(dtype))
     return model

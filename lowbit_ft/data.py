@@ -111,6 +111,13 @@ def tokenize(record: dict, tokenizer, template: str, max_length: int) -> dict[st
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 
+def next_token_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, mask) for logits[..., :-1, :]: each position predicts the next token, and only response
+    tokens (label ≠ -100) count."""
+    targets = labels[..., 1:]
+    return targets, targets != IGNORE_INDEX
+
+
 def has_response(example: dict) -> bool:
     """Whether truncation left at least one response token to learn from (or to score)."""
     return any(label != IGNORE_INDEX for label in example["labels"])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit_ft.data import IGNORE_INDEX, has_response, tokenize
+from lowbit_ft.data import has_response, next_token_labels, tokenize
 
 
 def read_task(path: str | Path) -> list[dict]:
@@ -115,11 +115,10 @@ def perplexity(model: nn.Module, tokenizer, records: list[dict], max_length: int
         if not has_response(example):  # the prompt fills max_length (checked on the host, no device sync)
             continue
         ids = torch.tensor(example["input_ids"], device=device)
-        labels = torch.tensor(example["labels"], device=device)[1:]
+        _, response = next_token_labels(torch.tensor(example["labels"], device=device))
         used += 1
         losses = nn.functional.cross_entropy(model(input_ids=ids[None]).logits[0, :-1].float(), ids[1:],
                                              reduction="none")
-        response = labels != IGNORE_INDEX
         sums["response"] += losses[response].sum().item()
         counts["response"] += int(response.sum())
         sums["text"] += losses.sum().item()

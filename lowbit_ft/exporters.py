@@ -27,11 +27,12 @@ from torch import nn
 from lowbit_ft.adapters import adapted_layers, merge_dense, merged_view
 from lowbit_ft.adapters.base import aligned, misaligned_message
 from lowbit_ft.convert import quant_layers, set_submodule
-from lowbit_ft.fsutil import atomic_directory
+from lowbit_ft.fsutil import atomic_directory, refuse_existing
 from lowbit_ft.gguf_format import check_gguf, save_gguf
 from lowbit_ft.gptq_format import save_gptq
 from lowbit_ft.lowbit_format import save_lowbit
 from lowbit_ft.mlx_format import check_mlx, save_mlx
+from lowbit_ft.quant_linear import restored_zeros
 
 log = logging.getLogger(__name__)
 FORMATS = ("lowbit", "gptq", "gguf", "mlx", "hf")
@@ -97,8 +98,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "lowbit",
     save_gguf / save_mlx run their format's check themselves, before writing anything."""
     _check_mergeable(model, format)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output {out_dir} already exists; choose another path or pass --overwrite")
+    refuse_existing(out_dir, overwrite)
     adapters = {w.adapter_name for w in adapted_layers(model).values()}
     card = model_card(model, ", ".join(sorted(adapters)) or None, merge_figures)
     if format == "hf":
@@ -118,11 +118,7 @@ def _export_dense(model, out_dir, tokenizer, dtype, overwrite, card) -> Path:
     if adapted_layers(dense):
         merge_dense(dense, dtype=dtype)
     for name, layer in quant_layers(dense).items():  # layers without adapter: dequantize as they are
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
-        linear.weight.copy_(layer.dequantize(torch.float32))
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias)
-        set_submodule(dense, name, linear)
+        set_submodule(dense, name, layer.to_linear(dtype))
     dense.to(dtype)
     if hasattr(dense.config, "quantization_config"):
         del dense.config.quantization_config
@@ -141,14 +137,11 @@ def _export_gptq(model, out_dir, tokenizer, dtype, round_zeros, overwrite) -> Pa
             raise ValueError(f"zeros are fractional (an adapter was merged; up to {error:.3f} of a step from an "
                              "integer): GPTQ cannot hold them. Use --format lowbit (exact), or --round_zeros "
                              "to accept that error")
-        saved = {name: layer.zeros.clone() for name, layer in quant_layers(model).items()}
-        for layer in quant_layers(model).values():
-            layer.zeros.round_()
+        layers = quant_layers(model).values()
         log.warning("--round_zeros: every weight moves by up to %.3f of its block's step s", error)
         print(f"round_zeros: max weight change {error:.4f}·s (zeros rounded to integers; GPTQ holds no others)")
-        try:
+        with restored_zeros(layers):
+            for layer in layers:
+                layer.zeros.round_()
             return save_gptq(model, out_dir, "gptq_v2", tokenizer, dtype, overwrite)
-        finally:
-            for name, layer in quant_layers(model).items():
-                layer.zeros.copy_(saved[name])
     return save_gptq(model, out_dir, "gptq_v2", tokenizer, dtype, overwrite)

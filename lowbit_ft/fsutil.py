@@ -14,6 +14,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from lowbit_ft.dtypes import dtype_name
+
+
+def refuse_existing(path: str | os.PathLike, overwrite: bool | None = False, what: str = "output") -> None:
+    """The one "output is there already" check. `overwrite=None`: the caller has no overwrite option."""
+    if Path(path).exists() and not overwrite:
+        hint = "choose another path" + (" or pass --overwrite" if overwrite is not None else "")
+        raise FileExistsError(f"{what} {path} already exists; {hint}")
+
 
 @contextmanager
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
@@ -23,8 +32,7 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     complete. On any error the temporary directory is removed and `out_dir` is left as it was.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output {out_dir} already exists; choose another path or pass overwrite")
+    refuse_existing(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
@@ -54,10 +62,12 @@ def default_permissions(root: Path) -> None:
 
 def write_checkpoint(model: nn.Module, out_dir: str | os.PathLike, packed: dict[str, torch.Tensor],
                      quantization_config: dict | None, tokenizer=None, dtype: torch.dtype = torch.float16,
-                     overwrite: bool = False, model_card: str | None = None, config: dict | None = None) -> Path:
+                     overwrite: bool = False, model_card: str | None = None, config: dict | None = None,
+                     extra_files: dict[str, str] | None = None) -> Path:
     """A HF-style checkpoint directory, atomically: `packed` (the quantized layers' tensors, stored as
     given) plus every other tensor of the model in `dtype` (tied weights once), config.json (the model's
-    with `quantization_config`, or `config` as given), the tokenizer and an optional model card."""
+    with `quantization_config`, or `config` as given), the tokenizer, an optional model card and
+    `extra_files` (name → text)."""
     owners = {key.rsplit(".", 1)[0] for key in packed}
     tensors, seen = dict(packed), set()
     for key, value in model.state_dict().items():
@@ -67,7 +77,7 @@ def write_checkpoint(model: nn.Module, out_dir: str | os.PathLike, packed: dict[
         tensors[key] = value.to(dtype) if value.is_floating_point() else value
     if config is None:
         config = model.config.to_dict()
-        config["dtype"] = str(dtype).removeprefix("torch.")
+        config["dtype"] = dtype_name(dtype)
         config["quantization_config"] = quantization_config
     with atomic_directory(out_dir, overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -76,18 +86,28 @@ def write_checkpoint(model: nn.Module, out_dir: str | os.PathLike, packed: dict[
             tokenizer.save_pretrained(tmp)
         if model_card:
             (tmp / "README.md").write_text(model_card)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(out_dir)
 
 
-def write_json(path: str | os.PathLike, data: dict) -> Path:
-    """Write JSON next to `path` and rename it into place: a crash never leaves a half-written file.
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` next to `path` and rename it into place: a crash never leaves a half-written file.
     Refuses an existing file (results are never overwritten)."""
     path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"--output {path} already exists; choose another path")
+    refuse_existing(path, None, "--output")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    default_permissions(path)
     return path
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    """`write_text` of `data` as indented JSON."""
+    return write_text(path, json.dumps(data, indent=2))

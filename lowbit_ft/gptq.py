@@ -68,8 +68,9 @@ class _Hessian:
     """Forward hook keeping H = 2·XᵀX / n over every input row the linear has seen. Linears fed the same
     tensor (q/k/v, gate/up) share one XᵀX through `shared`: it is the costly part."""
 
-    def __init__(self, dim: int, shared: dict) -> None:
-        self.h, self.n, self.shared = torch.zeros(dim, dim), 0, shared
+    def __init__(self, dim: int, shared: dict, device: torch.device) -> None:
+        # float32 explicitly: Lightning builds the model under a bf16 default dtype, and a bf16 H is not PD
+        self.h, self.n, self.shared = torch.zeros(dim, dim, dtype=torch.float32, device=device), 0, shared
 
     def __call__(self, _module, args, _output) -> None:
         x = args[0].reshape(-1, args[0].shape[-1])
@@ -84,39 +85,39 @@ class _Hessian:
 
 
 @torch.no_grad()
-def gptq_quantize_model(model: nn.Module, layout: BlockLayout, calibration: torch.Tensor, targets=None, *,
-                        symmetric: bool = False, scale_dtype: torch.dtype = torch.float16,
-                        zero_dtype: torch.dtype = torch.float32, damp: float = 0.01,
+def gptq_quantize_model(model: nn.Module, layout: BlockLayout, calibration: torch.Tensor | list[torch.Tensor],
+                        names: list[str] | None = None, *, symmetric: bool = False,
+                        scale_dtype: torch.dtype = torch.float16, zero_dtype: torch.dtype = torch.float32,
+                        damp: float = 0.01, device: torch.device | str | None = None,
                         progress: bool = True) -> nn.Module:
-    """Quantize a HF LLaMA-family model in place with GPTQ, block by block, on `calibration` token ids
-    (batch × seq). Later blocks are calibrated on the outputs of the already-quantized earlier ones."""
+    """Quantize a HF LLaMA-family model in place with GPTQ, block by block, on `calibration` token ids: one
+    (batch × seq) tensor, or a list of them (e.g. one (1 × len) tensor per record, so records of any length
+    calibrate without padding). Later blocks are calibrated on the outputs of the already-quantized earlier
+    ones. `names`: the linears to quantize (default: every target linear; see `convert.quantizable`).
+    `device`: where each decoder block is calibrated and quantized, one block at a time (default: CUDA when
+    there is one, so a model loaded on the CPU is quantized on the GPU without ever being there whole)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks = model.model.layers
-    captured: dict = {}
-
-    def grab(_module, args, kwargs):
-        captured["hidden"], captured["kwargs"] = args[0] if args else kwargs.pop("hidden_states"), kwargs
-        raise _Stop
-
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model(input_ids=calibration, use_cache=False)  # a KV cache would grow with every block re-run below
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    hidden, kwargs = captured["hidden"], captured["kwargs"]
-    names = target_linears(model, targets)
+    batches = [calibration] if torch.is_tensor(calibration) else list(calibration)
+    if not batches or any(b.dim() != 2 or b.numel() == 0 for b in batches):
+        raise ValueError("GPTQ calibration: give (batch × seq) token-id tensors, at least one non-empty")
+    names = target_linears(model) if names is None else names
     for name in names:  # every shape first: a misfit must not leave the model half quantized
         linear = model.get_submodule(name)
         layout.check(linear.out_features, linear.in_features, name=name)
+    # (hidden, kwargs) per batch, on `device`
+    inputs = [_to(_block_inputs(model, blocks[0], ids), device) for ids in batches]
     for index, decoder in enumerate(tqdm(blocks, desc=f"GPTQ {layout}", disable=not progress, leave=False)):
+        home = next(decoder.parameters()).device
+        decoder.to(device)
         prefix = f"model.layers.{index}."
         linears = {n: model.get_submodule(n) for n in names if n.startswith(prefix)}
         shared: dict = {}
-        hessians = {n: _Hessian(m.in_features, shared) for n, m in linears.items()}
+        hessians = {n: _Hessian(m.in_features, shared, device) for n, m in linears.items()}
         handles = [m.register_forward_hook(hessians[n]) for n, m in linears.items()]
         try:
-            decoder(hidden, **kwargs)
+            for hidden, kwargs in inputs:
+                decoder(hidden, **kwargs)
         finally:
             for h in handles:
                 h.remove()
@@ -125,8 +126,42 @@ def gptq_quantize_model(model: nn.Module, layout: BlockLayout, calibration: torc
                                       scale_dtype=scale_dtype, damp=damp)
             set_submodule(model, name, QuantLinear.from_quantized(quantized, layout, linear.bias,
                                                                   zero_dtype=zero_dtype))
-        output = decoder(hidden, **kwargs)
-        hidden = output[0] if isinstance(output, tuple) else output
-    if not math.isfinite(float(hidden.float().abs().max())):
+        inputs = [(_hidden(decoder(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+        decoder.to(home)
+    if not all(math.isfinite(float(hidden.float().abs().max())) for hidden, _ in inputs):
         raise ValueError("GPTQ produced non-finite activations; raise damp or check the calibration data")
     return model
+
+
+def _to(value, device: torch.device):
+    """`value` (tensors inside tuples, lists and dicts) moved to `device`."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """What the first decoder block receives for `ids`: the embeddings and the keyword arguments (mask,
+    rotary embeddings) the model computes for them."""
+    captured: dict = {}
+
+    def grab(_module, args, kwargs):
+        captured["hidden"], captured["kwargs"] = args[0] if args else kwargs.pop("hidden_states"), kwargs
+        raise _Stop
+
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(input_ids=ids.to(model.get_input_embeddings().weight.device), use_cache=False)  # no KV cache
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured["hidden"], captured["kwargs"]

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lowbit_ft.convert import set_submodule
+from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.gguf_format import load_gguf
 from lowbit_ft.gptq_format import GPTQ_KEYS, from_gptq, read_gptq_config
 from lowbit_ft.lowbit_format import QUANT_METHOD, install_quant_layers
@@ -79,18 +80,23 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.float16, backend: str = "auto") -> nn.Module:
+def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", backend: str = "auto") -> nn.Module:
     """A HF causal LM whose linears are `QuantLinear`, read from a GPTQ or lowbit checkpoint directory.
 
     GPTQ: v1 ("gptq") and v2 ("gptq_v2") zeros, bits 2/3/4/8, desc_act false. lowbit: the project's
     own format (any block layout, float zeros; see `lowbit_format`). The model skeleton is built on
     the meta device and each layer is filled straight from the packed tensors, so no fp16 copy of a
-    quantized weight ever exists. Non-quantized tensors (embeddings, norms, lm_head) get `dtype`.
+    quantized weight ever exists. Non-quantized tensors (embeddings, norms, lm_head) get `dtype`; "auto"
+    (as in transformers): the dtype config.json records, float16 if it records none.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-    raw_qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    raw_config = json.loads((path / "config.json").read_text())
+    if dtype == "auto":
+        stored = raw_config.get("dtype") or raw_config.get("torch_dtype") or "float16"
+        dtype = parse_dtype(stored, f"{path / 'config.json'}: dtype")
+    raw_qc = raw_config.get("quantization_config") or {}
     lowbit = raw_qc.get("quant_method") == QUANT_METHOD
     qc = None if lowbit else read_gptq_config(path)
     config = AutoConfig.from_pretrained(path)

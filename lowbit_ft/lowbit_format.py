@@ -22,19 +22,13 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowbit_ft.convert import quant_layers, set_submodule
+from lowbit_ft.dtypes import STORAGE_DTYPES, dtype_name
 from lowbit_ft.fsutil import write_checkpoint
 from lowbit_ft.layout import SUPPORTED_BITS, BlockLayout
 from lowbit_ft.quant_linear import QuantLinear
 
 QUANT_METHOD = "lowbit"
 FORMAT_VERSION = 1
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def lowbit_quantization_config(model: nn.Module) -> dict:
     layers = quant_layers(model)
     if not layers:
@@ -44,20 +38,23 @@ def lowbit_quantization_config(model: nn.Module) -> dict:
         raise ValueError(f"every quantized layer must share one layout and dtypes, found {len(kinds)} variants")
     ((layout, scale_dtype, zero_dtype),) = kinds
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bits": layout.bits,
-            "block_out": layout.block_out, "block_in": layout.block_in, "scale_dtype": _dtype_name(scale_dtype),
-            "zero_dtype": _dtype_name(zero_dtype), "modules": sorted(layers)}
+            "block_out": layout.block_out, "block_in": layout.block_in, "scale_dtype": dtype_name(scale_dtype),
+            "zero_dtype": dtype_name(zero_dtype), "modules": sorted(layers)}
 
 
 def save_lowbit(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, dtype: torch.dtype = torch.float16,
-                overwrite: bool = False, model_card: str | None = None) -> Path:
+                overwrite: bool = False, model_card: str | None = None, extra_files: dict[str, str] | None = None
+                ) -> Path:
     """Write a HF model with `QuantLinear` layers (merged or not) in the lowbit format, atomically.
-    Non-quantized floating tensors are stored in `dtype`; tied weights once."""
+    Non-quantized floating tensors are stored in `dtype`; tied weights once. `extra_files`: name → text
+    written beside them (e.g. the base cache's record)."""
     if any(".adapter." in key for key in model.state_dict()):
         raise ValueError("model has adapters attached: merge them first (lowbit_ft.adapters.merge)")
     qc = lowbit_quantization_config(model)
     quantized = set(qc["modules"])
     packed = {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[0] in quantized}
-    return write_checkpoint(model, out_dir, packed, qc, tokenizer, dtype, overwrite, model_card)
+    return write_checkpoint(model, out_dir, packed, qc, tokenizer, dtype, overwrite, model_card,
+                            extra_files=extra_files)
 
 
 def read_lowbit_config(qc: dict, where: str) -> tuple[BlockLayout, torch.dtype, torch.dtype, list[str]]:
@@ -67,10 +64,10 @@ def read_lowbit_config(qc: dict, where: str) -> tuple[BlockLayout, torch.dtype, 
     if qc.get("bits") not in SUPPORTED_BITS:
         raise ValueError(f"{where}: quantization_config.bits={qc.get('bits')!r} is unsupported")
     for key in ("scale_dtype", "zero_dtype"):
-        if qc.get(key) not in _DTYPES:
+        if qc.get(key) not in STORAGE_DTYPES:
             raise ValueError(f"{where}: quantization_config.{key}={qc.get(key)!r} is unknown")
     layout = BlockLayout(qc["bits"], qc["block_out"], qc["block_in"])
-    return layout, _DTYPES[qc["scale_dtype"]], _DTYPES[qc["zero_dtype"]], list(qc.get("modules", []))
+    return layout, STORAGE_DTYPES[qc["scale_dtype"]], STORAGE_DTYPES[qc["zero_dtype"]], list(qc.get("modules", []))
 
 
 def install_quant_layers(model: nn.Module, qc: dict, where: str, device="cpu") -> None:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lowbit_ft.convert import quant_layers, set_submodule
+from lowbit_ft.dtypes import dtype_name
 from lowbit_ft.fsutil import write_checkpoint
 from lowbit_ft.layout import BlockLayout
 from lowbit_ft.quant_linear import QuantLinear
@@ -70,7 +71,7 @@ def mlx_config(model: nn.Module, layout: BlockLayout, dtype: torch.dtype) -> dic
         config["rope_theta"] = rope["rope_theta"]
     if rope.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
         config["rope_scaling"] = rope
-    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    config["torch_dtype"] = config["dtype"] = dtype_name(dtype)
     config["quantization"] = {"group_size": layout.block_in, "bits": layout.bits, "mode": "affine"}
     return config
 

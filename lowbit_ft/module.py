@@ -8,9 +8,11 @@ over trainable parameters, NaN guard — applies unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -20,9 +22,9 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from lowbit_ft import adapters
+from lowbit_ft.base import QuantizedBase, QuantSpec, fingerprint, quantized_base, short
 from lowbit_ft.convert import quant_layers
-from lowbit_ft.data import IGNORE_INDEX
-from lowbit_ft.loading import load_model
+from lowbit_ft.data import BUILTIN_DEMO, IGNORE_INDEX, next_token_labels
 from lowbit_ft.precision import LowBitPrecision
 
 
@@ -67,7 +69,9 @@ class LowBitModule(L.LightningModule):
             raise ValueError(f"model.optimizer={optimizer!r} is unknown: use adamw, paged_adamw or adamw_8bit")
         self.save_hyperparameters()
         self.model: nn.Module | None = None
-        self._precision: LowBitPrecision | None = None
+        self.base: QuantizedBase | None = None  # the quantized base and its identity (set by build_model)
+        self._spec: QuantSpec | None = None
+        self._dtype, self._cache, self._cache_key = torch.float32, True, None
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self.val_loss = torchmetrics.MeanMetric()
         self.val_accuracy = torchmetrics.MeanMetric()
@@ -77,10 +81,15 @@ class LowBitModule(L.LightningModule):
 
     # --- hooks a subclass overrides -----------------------------------------------------------
     def load_base_model(self) -> nn.Module:
-        """Return the base causal LM (float, or already quantized from a GPTQ directory), on CPU."""
-        plugin = self.lowbit_precision
-        model, _ = load_model(self.hparams.base, dtype=plugin.dtype if plugin else torch.float32)
-        return model
+        """Return the quantized base causal LM on CPU: model.base quantized as the plugin's QuantSpec says
+        (read back from the base cache when a run built it before), or as stored when model.base is a GPTQ
+        / lowbit directory. An override may return a float model: the plugin then quantizes it (RTN)."""
+        spec = self._spec
+        where = (f"LowBitPrecision (bits={spec.bits}, group_size={spec.group_size}, block_out={spec.block_out})"
+                 if spec else "model.base")
+        self.base = quantized_base(self.hparams.base, spec, self._dtype, cache=self._cache,
+                                   cache_key_hint=self._cache_key, where=where)
+        return self.base.model
 
     def configure_adapters(self, model: nn.Module) -> nn.Module:
         """Attach the trainable adapters to the quantized model (default: `lowbit_ft.adapters.attach`)."""
@@ -99,40 +108,65 @@ class LowBitModule(L.LightningModule):
         accumulation window on every DDP rank — so accumulation and N processes both train exactly
         like one large batch."""
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+        targets, _ = next_token_labels(batch["labels"])
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                            ignore_index=IGNORE_INDEX)
         return loss, logits
 
     # --- Lightning ---------------------------------------------------------------------------
     @property
     def lowbit_precision(self) -> LowBitPrecision | None:
-        if self._precision is not None:
-            return self._precision
         plugin = self._trainer.precision_plugin if self._trainer is not None else None
         return plugin if isinstance(plugin, LowBitPrecision) else None
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.build_model(self.lowbit_precision)
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, DDPStrategy):
+        plugin, trainer = self.lowbit_precision, self._trainer
+        spec = plugin.spec if plugin is not None else None
+        if spec is not None and spec.method == "gptq" and spec.calibration_data is None:
+            spec = dataclasses.replace(spec, calibration_data=self._training_data())
+        build = lambda: self.build_model(spec, plugin.dtype if plugin else torch.float32,  # noqa: E731
+                                         cache=plugin.cache if plugin else False)
+        if trainer is not None and trainer.world_size > 1 and plugin is not None and plugin.cache:
+            # rank 0 quantizes and writes the base cache; the other ranks wait, then read it
+            if not trainer.is_global_zero:
+                trainer.strategy.barrier("lowbit_base")
+            build()
+            if trainer.is_global_zero:
+                trainer.strategy.barrier("lowbit_base")
+        else:
+            build()
+        if isinstance(trainer.strategy if trainer else None, DDPStrategy):
             # the packed base never changes: broadcasting its buffers every step would be pure waste
-            strategy._ddp_kwargs.setdefault("broadcast_buffers", False)
+            trainer.strategy._ddp_kwargs.setdefault("broadcast_buffers", False)
 
-    def build_model(self, plugin: LowBitPrecision | None) -> nn.Module:
-        """Load, quantize with `plugin` and attach adapters: what `configure_model` does under a Trainer,
-        callable without one (e.g. by `lowbit-ft export` with the plugin settings a checkpoint recorded)."""
-        self._precision = plugin
+    def _training_data(self) -> str:
+        """The training data file, for GPTQ calibration when the plugin names none (absolute: it is recorded)."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        path = getattr(getattr(datamodule, "hparams", None), "path", None)
+        if path is None:
+            raise ValueError("LowBitPrecision method='gptq': set calibration_data (no training data file to "
+                             "calibrate on)")
+        return path if path == BUILTIN_DEMO else str(Path(path).resolve())
+
+    def build_model(self, spec: QuantSpec | None, dtype: torch.dtype = torch.float32, *, cache: bool = True,
+                    cache_key: str | None = None) -> nn.Module:
+        """Build the quantized base as `spec` says (None: model.base arrives quantized) and attach adapters:
+        what `configure_model` does under a Trainer, callable without one (`lowbit-ft export` passes the
+        spec and the cache entry a checkpoint recorded)."""
+        self._spec, self._dtype, self._cache, self._cache_key = spec, dtype, cache, cache_key
+        self.base = None
         model = self.load_base_model()
-        # quantize before attaching: adapters wrap QuantLinear, and must exist before DDP wraps the
-        # model and the optimizer is built (Lightning calls convert_module again later: a no-op)
-        if plugin is not None:
-            plugin.convert_module(model)
-        elif not quant_layers(model):
-            raise ValueError("trainer.plugins: add a lowbit_ft.LowBitPrecision plugin (bits, group_size) to "
-                             "quantize the base, or set model.base to a GPTQ checkpoint")
+        if not quant_layers(model):  # an override returned a float model
+            if spec is None:
+                raise ValueError("trainer.plugins: add a lowbit_ft.LowBitPrecision plugin (bits, group_size) to "
+                                 "quantize the base, or set model.base to a GPTQ checkpoint")
+            model = spec.quantize(model, progress=False).to(dtype)
+        if self.base is None or self.base.model is not model:
+            self.base = QuantizedBase(model, None, str(self.hparams.base), spec, fingerprint(model), dtype)
+        # quantized before adapters attach: they wrap QuantLinear, and must exist before DDP wraps the
+        # model and the optimizer is built (Lightning calls convert_module later: a no-op)
         if self.hparams.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5 name
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -161,7 +195,7 @@ class LowBitModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, _ = self.compute_loss(batch)
-        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        tokens = next_token_labels(batch["labels"])[1].sum()
         self._window_tokens = self._window_tokens + tokens
         self._last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
@@ -202,9 +236,8 @@ class LowBitModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         loss, logits = self.compute_loss(batch)
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE_INDEX
-        correct = (logits[:, :-1].argmax(-1) == labels) & mask
+        targets, mask = next_token_labels(batch["labels"])
+        correct = (logits[:, :-1].argmax(-1) == targets) & mask
         self.val_loss.update(loss, weight=mask.sum())
         self.val_accuracy.update(correct.sum() / mask.sum().clamp(min=1), weight=mask.sum())
 
@@ -241,9 +274,7 @@ class LowBitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.adapter_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        precision = self.lowbit_precision
-        checkpoint["lowbit_precision"] = dict(precision.init_args) if precision is not None else None
-
+        checkpoint["lowbit_base"] = self.base.record()  # what export / validate / resume must rebuild
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected, found = self.adapter_state_keys(), set(checkpoint.get("state_dict", {}))
@@ -252,6 +283,13 @@ class LowBitModule(L.LightningModule):
             raise ValueError(
                 f"checkpoint does not match this model's adapters (missing {missing[:2]}, unexpected "
                 f"{unexpected[:2]}): resume with the same model.* settings it was trained with"
+            )
+        recorded = checkpoint.get("lowbit_base")
+        if recorded and self.base is not None and recorded["fingerprint"] != self.base.fingerprint:
+            raise ValueError(
+                f"the base {self.base.source!r} (fingerprint {short(self.base.fingerprint)}) is not the one this "
+                f"checkpoint was trained on ({recorded['source']!r}, {recorded['layout']}, fingerprint "
+                f"{short(recorded['fingerprint'])}): point model.base (export: --base) at that base"
             )
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -122,6 +125,20 @@ class QuantLinear(nn.Module):
         """The dense weight s · (Q − z), shape (out, in). Allocates it in full: not for the forward pass."""
         return dequantize(self, dtype)
 
+    @torch.no_grad()
+    def to_linear(self, dtype: torch.dtype = torch.float32, delta: torch.Tensor | None = None) -> nn.Linear:
+        """A frozen `nn.Linear` in `dtype` holding dequant(W) (+ `delta`, e.g. an adapter's ΔW, added in the
+        wider of float32 and delta's dtype before the one rounding to `dtype`)."""
+        weight = self.dequantize(torch.float64 if delta is not None and delta.dtype == torch.float64 else torch.float32)
+        if delta is not None:
+            weight = weight + delta.to(device=weight.device, dtype=weight.dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype,
+                           device=self.qweight.device)
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = quant_matmul(x, self, self.backend)
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -136,3 +153,15 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, {self.layout}, "
             f"bias={self.bias is not None}, scales={self.scales.dtype}, zeros={self.zeros.dtype}"
         )
+
+
+@contextmanager
+def restored_zeros(layers: Iterable[QuantLinear]) -> Iterator[None]:
+    """Whatever the block does to these layers' zeros (a temporary merge, rounding) is undone on exit."""
+    layers = list(layers)
+    saved = [layer.zeros.clone() for layer in layers]
+    try:
+        yield
+    finally:
+        for layer, zeros in zip(layers, saved, strict=True):
+            layer.zeros.copy_(zeros)

@@ -90,13 +90,3 @@ def get_quantizer(method: str) -> Quantizer:
     except KeyError:
         raise ValueError(f"method={method!r} is not a known quantizer: use one of {sorted(QUANTIZERS)}") from None
 
-
-#: quantizers that need calibration activations and work model-wide (`quantize_model(..., calibration=ids)`)
-MODEL_LEVEL_METHODS = ("gptq",)
-
-
-def check_method(method: str) -> None:
-    """Refuse an unknown quantization method early, naming the known ones."""
-    if method not in QUANTIZERS and method not in MODEL_LEVEL_METHODS:
-        known = sorted(QUANTIZERS) + list(MODEL_LEVEL_METHODS)
-        raise ValueError(f"method={method!r} is not a known quantizer: use one of {known}")

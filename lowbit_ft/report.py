@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowbit_ft.convert import quant_layers, quantize_model, target_linears
+from lowbit_ft.base import QuantSpec
+from lowbit_ft.convert import quant_layers, target_linears
 from lowbit_ft.layout import BlockLayout
 
 # A fixed, varied batch for measuring quantization error on real models.
@@ -66,27 +67,19 @@ class QuantReport:
         ]
 
 
-def quantize_and_report(
-    model: nn.Module,
-    batch: dict[str, torch.Tensor],
-    layout: BlockLayout,
-    method: str = "rtn",
-    symmetric: bool = False,
-    skip_indivisible: bool = False,
-    calibration: torch.Tensor | None = None,
-) -> QuantReport:
-    """Quantize `model` in place and measure it against its own logits from before."""
+def quantize_and_report(model: nn.Module, batch: dict[str, torch.Tensor], spec: QuantSpec, tokenizer=None
+                        ) -> QuantReport:
+    """Quantize `model` in place as `spec` says and measure it against its own logits from before."""
     reference = logits_of(model, batch)
-    targets = len(target_linears(model))
-    quantize_model(model, layout, method, symmetric=symmetric, skip_indivisible=skip_indivisible,
-                   calibration=calibration)
+    targets = len(target_linears(model, spec.targets, spec.ignore_modules))
+    spec.quantize(model, tokenizer)
     layers = quant_layers(model)
     params = sum(m.in_features * m.out_features for m in layers.values())
     logits = logits_of(model, batch)
     mask = batch.get("attention_mask", torch.ones(logits.shape[:2], dtype=torch.long)).bool()
     ref, got = reference[mask], logits[mask]
     return QuantReport(
-        layout=layout,
+        layout=spec.layout,
         quantized_params=params,
         quantized_layers=len(layers),
         target_layers=targets,

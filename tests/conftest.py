@@ -93,3 +93,7 @@ def make_adapted_llama(name: str = "qa_lora", layout=None, tie: bool = False, sc
         for p in layer.adapter.parameters():
             p.data.copy_(torch.randn(p.shape, generator=g) * scale)
     return model
+
+
+# quantized bases built by fits go to a per-session cache, never to the user's ~/.cache (subprocesses inherit it)
+os.environ["LOWBIT_FT_CACHE"] = str(Path(__import__("tempfile").mkdtemp(prefix="lowbit-ft-cache-")))

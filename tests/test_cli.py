@@ -22,7 +22,7 @@ def test_quantize_prints_report_and_writes_checkpoint(tiny_dir, tmp_path, capsys
     main(["quantize", "--model", str(tiny_dir), "--bits", "4", "--group_size", "32", "--output", str(out)])
     text = capsys.readouterr().out
     for line in ("INT4 (1×32 blocks)", "quantized linears     14 of 14", "bytes / param", "rel. logit error",
-                 "reloaded max |Δlogit| 0", f"saved to              {out.resolve()}"):
+                 "reloaded max |Δlogit| 0", f"saved (gptq_v2)       {out.resolve()}"):
         assert line in text, line
     assert len(quant_layers(load_quantized(out))) == 14
 

@@ -111,8 +111,8 @@ def test_gptq_export_loads_in_transformers_with_gptqmodel(tmp_path, bits):
 
 @pytest.mark.parametrize(("args", "message"), [
     ([], "give either --checkpoint (a lowbit-ft fit checkpoint) or --peft_adapter with --base"),
-    (["--peft_adapter", "x"], "--peft_adapter and --base go together"),
-    (["--checkpoint", "x.ckpt", "--base", "y"], "--peft_adapter and --base go together"),
+    (["--peft_adapter", "x"], "--peft_adapter needs --base"),
+    (["--checkpoint", "x.ckpt", "--base", "y"], "--checkpoint x.ckpt: file not found"),
     (["--peft_adapter", "nowhere", "--base", "y"], "--peft_adapter nowhere: no adapter_config.json"),
 ])
 def test_export_sources_are_checked_before_anything_loads(args, message, tmp_path, capsys, monkeypatch):
@@ -132,3 +132,15 @@ def test_export_command_writes_gguf_and_mlx_from_a_checkpoint(trained, tmp_path,
         assert f"exported ({fmt})" in capsys.readouterr().out
         assert (tmp_path / fmt / file).is_file() and (tmp_path / fmt / "tokenizer.json").is_file()
         assert "merged/top1_agreement" in (tmp_path / fmt / "README.md").read_text()
+
+
+def test_a_checkpoint_from_before_fingerprints_still_exports(trained, tmp_path, capsys):
+    """Older checkpoints stored the plugin's arguments ("lowbit_precision") instead of the base's record."""
+    ckpt = torch.load(trained / "out/quickstart/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    spec = ckpt.pop("lowbit_base")["spec"]
+    ckpt["lowbit_precision"] = {"bits": spec["bits"], "group_size": spec["group_size"], "block_out": 1,
+                                "method": "rtn", "symmetric": False, "dtype": "float32", "targets": None,
+                                "ignore_modules": None}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    main(["export", "--checkpoint", str(tmp_path / "old.ckpt"), "--output", str(tmp_path / "out")])
+    assert "merged/top1_agreement=1" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lowbit_ft import BlockLayout
+from lowbit_ft.base import QuantSpec
 from lowbit_ft.convert import DEFAULT_TARGETS
 from lowbit_ft.report import probe_batch, quantize_and_report
 
@@ -45,7 +46,7 @@ def test_quantize_reports_bytes_and_logit_error(smollm2, bits, group, capsys):
     layout = BlockLayout.group(bits, group)
     fitting = [(o, i) for o, i in _shapes(model) if i % group == 0]
     # 576-wide inputs do not split into groups of 128: those linears stay 16-bit, and the report says so
-    report = quantize_and_report(model, batch, layout, skip_indivisible=True)
+    report = quantize_and_report(model, batch, QuantSpec(bits, group, skip_indivisible=True))
     with capsys.disabled():  # shown in the CI log, not captured
         print(f"\nSmolLM2-135M {layout}:", *report.lines(), sep="\n  ")
     assert report.quantized_layers == len(fitting) and report.target_layers == 210
@@ -58,6 +59,6 @@ def test_quantize_reports_bytes_and_logit_error(smollm2, bits, group, capsys):
 
 def test_fewer_bits_more_error(smollm2):
     base, _, batch = smollm2
-    errors = {bits: quantize_and_report(copy.deepcopy(base), batch, BlockLayout.group(bits, 64)).relative_logit_error
+    errors = {bits: quantize_and_report(copy.deepcopy(base), batch, QuantSpec(bits, 64)).relative_logit_error
               for bits in (8, 3)}
     assert errors[8] < 0.1 < errors[3]

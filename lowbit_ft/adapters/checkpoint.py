@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit_ft.adapters.model import adapted_layers, attach
-from lowbit_ft.fsutil import default_permissions
+from lowbit_ft.fsutil import default_permissions, refuse_existing
 
 FORMAT = "lowbit-ft-adapters/1"
 
@@ -30,8 +30,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, overwrite: bool = F
     metadata = {"format": FORMAT, "adapter": first.adapter_name,
                 "hparams": json.dumps(first.adapter.hparams), "targets": json.dumps(targets)}
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another path or pass overwrite=True")
+    refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:

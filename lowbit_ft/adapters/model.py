@@ -12,7 +12,7 @@ from torch import nn
 from lowbit_ft.adapters.base import AdaptedLinear, Adapter, aligned, merge_into, misaligned_message
 from lowbit_ft.adapters.registry import get_adapter_class
 from lowbit_ft.convert import set_submodule
-from lowbit_ft.quant_linear import QuantLinear
+from lowbit_ft.quant_linear import QuantLinear, restored_zeros
 
 
 def _build(cls: type[Adapter], name: str, base: QuantLinear, hparams: dict) -> Adapter:
@@ -79,25 +79,28 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def merge_dense(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Replace every adapted layer by a dense `nn.Linear` in `dtype` holding dequant(W) + ΔW.
+def merge_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every adapted layer by a dense `nn.Linear` holding dequant(W) + ΔW (summed in float64), in
+    `dtype` (default: the dtype of the model's other float weights, so its forward still runs).
 
     For adapters that cannot merge into low bit (LoRA, Q-BaRA) or users who deploy 16-bit weights.
     Layers without an adapter stay as they are."""
     layers = adapted_layers(model)
     if not layers:
         raise ValueError("the model has no adapters to merge; attach(...) or load_adapters(...) first")
+    dtype = dtype or float_dtype(model)
     for layer_name, wrapped in layers.items():
-        base = wrapped.base
-        weight = base.dequantize(torch.float64) + wrapped.adapter.delta_weight().to(base.qweight.device)
-        dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                          dtype=dtype, device=base.qweight.device)
-        dense.weight.copy_(weight)
-        if base.bias is not None:
-            dense.bias.copy_(base.bias)
-        dense.requires_grad_(False)
-        set_submodule(model, layer_name, dense)
+        delta = wrapped.adapter.delta_weight().to(torch.float64)
+        set_submodule(model, layer_name, wrapped.base.to_linear(dtype, delta))
     return model
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's non-adapter float parameters (embeddings, norms): what its activations are."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and ".adapter." not in name:
+            return p.dtype
+    return torch.float32
 
 
 @contextmanager
@@ -105,11 +108,10 @@ def merged_view(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily merge every adapter into its layer's zeros (as `merge` does) and restore the
     adapter-on model exactly afterwards: the zeros are copied back, nothing else is duplicated."""
     layers = adapted_layers(model)
-    saved = {name: wrapped.base.zeros.clone() for name, wrapped in layers.items()}
-    merge(model)
-    try:
-        yield model
-    finally:
-        for name, wrapped in layers.items():
-            wrapped.base.zeros.copy_(saved[name])
-            set_submodule(model, name, wrapped)
+    with restored_zeros(wrapped.base for wrapped in layers.values()):
+        merge(model)
+        try:
+            yield model
+        finally:
+            for name, wrapped in layers.items():
+                set_submodule(model, name, wrapped)

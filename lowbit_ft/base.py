@@ -1,0 +1,337 @@
+"""The quantized base as one artifact.
+
+`QuantSpec` says how a base is quantized (bits, block layout, RTN or GPTQ with its calibration, storage
+dtypes, which linears). `quantized_base(source, spec)` builds it, or reuses the copy a previous run wrote
+to the base cache (the project's lowbit format, keyed by source + spec), so GPTQ runs once and resume,
+validate and export see the very same codes. `fingerprint(model)` names a base by its codes, scales and
+zeros: a checkpoint records it, and whoever rebuilds the base for that checkpoint must match it.
+
+The cache lives in `$LOWBIT_FT_CACHE/bases` (default `~/.cache/lowbit_ft/bases`); each entry is a
+loadable lowbit directory with a `lowbit_base.json` that says what it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit_ft.convert import DEFAULT_TARGETS, NEVER_QUANTIZED, quant_layers, quantize_model
+from lowbit_ft.dtypes import DTYPES, STORAGE_DTYPES, dtype_name
+from lowbit_ft.kernels import unpack_codes
+from lowbit_ft.layout import BlockLayout
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GROUP_SIZE = 64  # divides every LLaMA width, SmolLM2's 576 included (128 does not)
+QUANT_METHODS = ("rtn", "gptq")
+CALIBRATION_MODES = ("concat", "per_record")
+RECORD_FILE = "lowbit_base.json"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a base model's linears are quantized.
+
+    Args:
+        bits: code width: 2, 3, 4 or 8.
+        group_size: input columns per block (GPTQ's group size g; block_in).
+        block_out: output rows per block: 1 for GPTQ groups, 8 for QA-HiRA's (8, 4) blocks.
+        method: 'rtn' (min-max round-to-nearest) or 'gptq' (second-order, calibrated).
+        symmetric: zero fixed at 2^(bits-1) instead of min-max asymmetric.
+        scale_dtype: storage dtype of the scales (float16, as GPTQ).
+        zero_dtype: storage dtype of the zeros (float32: merged zeros are fractional).
+        targets: last name components of the linears to quantize.
+        ignore_modules: module-name prefixes never to quantize (e.g. 'model.layers.0.').
+        skip_indivisible: leave linears the group size does not divide in 16 bit instead of failing.
+        calibration_data: gptq: an Alpaca .json/.jsonl file or 'builtin:demo' (None in a recipe: the
+            training data).
+        calibration_samples: gptq: calibration sequences.
+        calibration_length: gptq: tokens per sequence.
+        calibration_mode: gptq: 'concat' (records joined and cut into samples × length tokens, GPTQ's
+            convention) or 'per_record' (each record its own sequence, cut at length; as transformers /
+            GPTQModel users calibrate on a list of texts).
+        damp: gptq: dampening added to the Hessian diagonal, as a fraction of its mean.
+    """
+
+    bits: int = 4
+    group_size: int = DEFAULT_GROUP_SIZE
+    block_out: int = 1
+    method: str = "rtn"
+    symmetric: bool = False
+    scale_dtype: str = "float16"
+    zero_dtype: str = "float32"
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    ignore_modules: tuple[str, ...] = ()
+    skip_indivisible: bool = False
+    calibration_data: str | None = None
+    calibration_samples: int = 128
+    calibration_length: int = 512
+    calibration_mode: str = "concat"
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets or DEFAULT_TARGETS))
+        object.__setattr__(self, "ignore_modules", tuple(self.ignore_modules or ()))
+        self.layout  # noqa: B018 -- BlockLayout checks bits and block sizes
+        if self.method not in QUANT_METHODS:
+            raise ValueError(f"method={self.method!r} is not a known quantizer: use one of {list(QUANT_METHODS)}")
+        for key, known in (("scale_dtype", STORAGE_DTYPES), ("zero_dtype", STORAGE_DTYPES)):
+            if getattr(self, key) not in known:
+                raise ValueError(f"{key}={getattr(self, key)!r} is unknown: use one of {sorted(known)}")
+        forbidden = [t for t in self.targets if t in NEVER_QUANTIZED]
+        if forbidden:
+            raise ValueError(f"targets: {forbidden} cannot be quantized (lm_head and embeddings stay 16-bit)")
+        if self.calibration_mode not in CALIBRATION_MODES:
+            raise ValueError(f"calibration_mode={self.calibration_mode!r}: use one of {list(CALIBRATION_MODES)}")
+        for key, low in (("calibration_samples", 1), ("calibration_length", 2)):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < low:
+                raise ValueError(f"{key}={getattr(self, key)!r} must be an integer ≥ {low}")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp={self.damp!r} must be in (0, 1)")
+
+    @property
+    def layout(self) -> BlockLayout:
+        return BlockLayout(self.bits, self.block_out, self.group_size)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "quantization spec") -> QuantSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; written by a newer lowbit-ft? upgrade it")
+        return cls(**data)
+
+    def describe(self) -> str:
+        text = f"{self.layout}, {self.method}"
+        if self.method == "gptq":
+            text += (f" on {self.calibration_samples} × {self.calibration_length} tokens of "
+                     f"{self.calibration_data} ({self.calibration_mode})")
+        return text
+
+    def quantize(self, model: nn.Module, tokenizer=None, progress: bool = True) -> nn.Module:
+        """Quantize `model` (float) in place as this spec says; GPTQ reads its calibration text with `tokenizer`."""
+        calibration = calibration_batches(tokenizer, self) if self.method == "gptq" else None
+        return quantize_model(model, self.layout, self.method, self.targets, exclude=self.ignore_modules,
+                              calibration=calibration, symmetric=self.symmetric,
+                              scale_dtype=STORAGE_DTYPES[self.scale_dtype],
+                              zero_dtype=STORAGE_DTYPES[self.zero_dtype],
+                              skip_indivisible=self.skip_indivisible, damp=self.damp, progress=progress)
+
+
+def calibration_batches(tokenizer, spec: QuantSpec) -> list[torch.Tensor]:
+    """GPTQ calibration token ids from `spec.calibration_data`: one (samples × length) batch of the records'
+    text concatenated and cut ('concat'), or one (1 × ≤ length) sequence per record ('per_record')."""
+    from lowbit_ft.data import read_records  # data imports Lightning: only GPTQ needs it here
+
+    if tokenizer is None:
+        raise ValueError("method='gptq' needs a tokenizer for its calibration text; use a model directory with one")
+    if spec.calibration_data is None:
+        raise ValueError("method='gptq' needs calibration_data: an Alpaca .json/.jsonl file or 'builtin:demo'")
+    records = read_records(spec.calibration_data)
+    texts = [f"{r['instruction']}\n{r.get('input') or ''}\n{r['output']}" for r in records]
+    if spec.calibration_mode == "per_record":
+        batches = [torch.tensor([ids[: spec.calibration_length]])
+                   for ids in (tokenizer(t, add_special_tokens=False)["input_ids"]
+                               for t in texts[: spec.calibration_samples]) if ids]
+        if not batches:
+            raise ValueError(f"calibration_data={spec.calibration_data!r}: no record has any token")
+        return batches
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    need = spec.calibration_samples * spec.calibration_length
+    if len(ids) < need:
+        raise ValueError(f"calibration_data={spec.calibration_data!r} holds {len(ids)} tokens, fewer than "
+                         f"calibration_samples × calibration_length = {need}; lower them, give more text, or "
+                         "set calibration_mode=per_record (one sequence per record)")
+    return [torch.tensor(ids[:need]).reshape(spec.calibration_samples, spec.calibration_length)]
+
+
+# --- identity ---------------------------------------------------------------------------------------
+def _canonical_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """QuantLinear layers by the name they have without adapters (an adapted layer's base is `NAME.base`)."""
+    from lowbit_ft.adapters import AdaptedLinear
+
+    out = {}
+    for name, layer in quant_layers(model).items():
+        parent = name.removesuffix(".base")
+        if parent != name and isinstance(model.get_submodule(parent), AdaptedLinear):
+            name = parent
+        out[name] = layer
+    return out
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of every quantized layer's name, layout, codes, scales and zeros, in name order and canonical
+    dtypes (codes uint8, scales float32, zeros float64), so it does not depend on storage dtypes, packing,
+    device, or whether adapters are attached. Merged zeros change it: it names an unmerged base."""
+    digest = hashlib.sha256()
+    layers = _canonical_layers(model)
+    if not layers:
+        raise ValueError("the model has no quantized layers to fingerprint")
+    for name, layer in sorted(layers.items()):
+        lay = layer.layout
+        digest.update(f"{name}|{lay.bits}|{lay.block_out}|{lay.block_in}|{layer.out_features}|"
+                      f"{layer.in_features}\n".encode())
+        codes = unpack_codes(layer.qweight.cpu(), lay.bits)[:, : layer.in_features]
+        for tensor in (codes, layer.scales.float(), layer.zeros.double()):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def short(fp: str) -> str:
+    return fp.removeprefix("sha256:")[:12]
+
+
+def quantized_source(source: str) -> bool:
+    """Whether `source` is a directory holding an already quantized model (GPTQ, lowbit or MLX)."""
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text())
+    return "quantization_config" in data or "quantization" in data
+
+
+def _file_identity(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def source_identity(source: str) -> list:
+    """What a cache key knows of a float source: its files' paths, sizes and mtimes (cheap, and a rewrite
+    in place changes the mtime; a moved source is a new source)."""
+    from lowbit_ft.loading import BUILTIN_SMOLLM2, smollm2_gguf
+
+    path = smollm2_gguf() if source == BUILTIN_SMOLLM2 else Path(source)
+    if path.is_file():
+        return [_file_identity(path)]
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.base={source!r}: no such file or directory")
+    return [_file_identity(p) for p in sorted(path.iterdir())
+            if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".gguf", ".model")]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LOWBIT_FT_CACHE") or Path.home() / ".cache" / "lowbit_ft") / "bases"
+
+
+def cache_key(source: str, spec: QuantSpec, dtype: torch.dtype) -> str:
+    """Which cache entry holds `source` quantized by `spec` (loaded in `dtype`, which RTN sees)."""
+    data = {"source": source_identity(source), "spec": spec.to_dict(), "dtype": dtype_name(dtype)}
+    if spec.method == "gptq" and spec.calibration_data and Path(spec.calibration_data).is_file():
+        data["calibration"] = _file_identity(Path(spec.calibration_data))
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@dataclass
+class QuantizedBase:
+    """A quantized base model and what identifies it.
+
+    spec is None when the source arrived quantized (a GPTQ / lowbit / MLX directory): its codes are
+    what they are. cache_key names the cache entry a built base was written to (or read from)."""
+
+    model: nn.Module
+    tokenizer: object
+    source: str
+    spec: QuantSpec | None
+    fingerprint: str
+    dtype: torch.dtype
+    cache_key: str | None = None
+
+    def record(self) -> dict:
+        """What a checkpoint stores about its base (JSON-able; read back by `read_record`)."""
+        layout = next(iter(quant_layers(self.model).values())).layout
+        return {"source": self.source, "spec": self.spec.to_dict() if self.spec else None,
+                "fingerprint": self.fingerprint, "dtype": dtype_name(self.dtype), "cache_key": self.cache_key,
+                "layout": str(layout)}
+
+
+def read_record(record: dict, where: str) -> tuple[QuantSpec | None, torch.dtype]:
+    spec = QuantSpec.from_dict(record["spec"], where) if record.get("spec") else None
+    dtype = DTYPES.get(record.get("dtype", "float32"))
+    if dtype is None:
+        raise ValueError(f"{where}: base dtype {record.get('dtype')!r} is unknown")
+    return spec, dtype
+
+
+def check_agrees(spec: QuantSpec, model: nn.Module, source: str) -> None:
+    """A base that arrived quantized must match the spec the config asks for (its layout and code width)."""
+    layouts = {layer.layout for layer in quant_layers(model).values()}
+    if layouts != {spec.layout}:
+        found = ", ".join(sorted(map(str, layouts)))
+        raise ValueError(f"model.base={source!r} is already quantized as {found}, but the LowBitPrecision plugin asks "
+                         f"for {spec.layout}: set the plugin's bits / group_size / block_out to the base's, or give "
+                         "a float model.base to quantize")
+
+
+def _load_cached(path: Path, source: str, dtype: torch.dtype, tokenizer=None) -> tuple[nn.Module, object, dict]:
+    from lowbit_ft.loading import load_quantized, load_tokenizer
+
+    record = json.loads((path / RECORD_FILE).read_text())
+    model = load_quantized(path, dtype=dtype)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(str(path))
+    return model, tokenizer, record
+
+
+@torch.no_grad()
+def quantized_base(source: str, spec: QuantSpec | None, dtype: torch.dtype = torch.float32, *,
+                   cache: bool = True, cache_key_hint: str | None = None, progress: bool = True,
+                   where: str = "quantize") -> QuantizedBase:
+    """The base `source` quantized as `spec` says, on CPU in `dtype`.
+
+    A source that is already quantized (GPTQ / lowbit / MLX directory) loads as it is (and must agree with
+    `spec` if one is given). Otherwise the base cache is tried, first under `cache_key_hint` (a checkpoint's
+    recorded entry: found even when the source has moved), then under the key of (source, spec, dtype); on
+    a miss the float model is loaded, quantized and, with `cache`, written to the cache for the next run.
+    `where` prefixes quantization errors (e.g. the plugin whose settings do not fit the model)."""
+    from lowbit_ft.loading import load_model
+    from lowbit_ft.lowbit_format import save_lowbit
+
+    if quantized_source(source):
+        model, tokenizer = load_model(source, dtype)
+        if spec is not None:
+            check_agrees(spec, model, source)
+        return QuantizedBase(model, tokenizer, source, None, fingerprint(model), dtype)
+    if spec is None:
+        raise ValueError(f"model.base={source!r} is a float model: add a lowbit_ft.LowBitPrecision plugin "
+                         "(bits, group_size) to quantize it, or give a GPTQ / lowbit directory")
+    root = cache_root()
+    for key in (cache_key_hint, None):
+        if not cache:
+            break
+        key = key or cache_key(source, spec, dtype)
+        if (root / key / RECORD_FILE).is_file():
+            model, tokenizer, record = _load_cached(root / key, source, dtype)
+            found = fingerprint(model)
+            if found != record.get("fingerprint"):
+                raise ValueError(f"base cache entry {root / key} is damaged (fingerprint {short(found)}, recorded "
+                                 f"{short(str(record.get('fingerprint')))}): delete that directory")
+            log.info("quantized base from the cache: %s", root / key)
+            return QuantizedBase(model, tokenizer, source, spec, found, dtype, key)
+    key = cache_key(source, spec, dtype)
+    model, tokenizer = load_model(source, dtype)
+    print(f"quantizing base       {source}: {spec.describe()}", flush=True)
+    try:
+        spec.quantize(model, tokenizer, progress=progress)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    base = QuantizedBase(model.eval(), tokenizer, source, spec, fingerprint(model), dtype, key if cache else None)
+    if cache:
+        record = {**base.record(), "cache_key": key}
+        try:
+            save_lowbit(model, root / key, tokenizer, dtype=dtype, extra_files={RECORD_FILE: json.dumps(record)})
+        except FileExistsError:  # another process wrote the same entry meanwhile: theirs is as good
+            pass
+        print(f"cached base           {root / key}", flush=True)
+    return base
