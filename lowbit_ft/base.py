@@ -12,6 +12,7 @@ loadable lowbit directory with a `lowbit_base.json` that says what it is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,6 +35,7 @@ DEFAULT_GROUP_SIZE = 64  # divides every LLaMA width, SmolLM2's 576 included (12
 QUANT_METHODS = ("rtn", "gptq")
 CALIBRATION_MODES = ("concat", "per_record")
 RECORD_FILE = "lowbit_base.json"
+CACHE_VERSION = 1  # bump when a quantizer's output changes for the same inputs: old entries are then not reused
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ def calibration_batches(tokenizer, spec: QuantSpec) -> list[torch.Tensor]:
         raise ValueError("method='gptq' needs a tokenizer for its calibration text; use a model directory with one")
     if spec.calibration_data is None:
         raise ValueError("method='gptq' needs calibration_data: an Alpaca .json/.jsonl file or 'builtin:demo'")
-    records = read_records(spec.calibration_data)
+    records = read_records(spec.calibration_data, "calibration_data")
     texts = [f"{r['instruction']}\n{r.get('input') or ''}\n{r['output']}" for r in records]
     if spec.calibration_mode == "per_record":
         batches = [torch.tensor([ids[: spec.calibration_length]])
@@ -217,8 +219,7 @@ def source_identity(source: str) -> list:
         return [_file_identity(path)]
     if not path.is_dir():
         raise FileNotFoundError(f"model.base={source!r}: no such file or directory")
-    return [_file_identity(p) for p in sorted(path.iterdir())
-            if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".gguf", ".model")]
+    return [_file_identity(p) for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
 
 
 def cache_root() -> Path:
@@ -227,7 +228,8 @@ def cache_root() -> Path:
 
 def cache_key(source: str, spec: QuantSpec, dtype: torch.dtype) -> str:
     """Which cache entry holds `source` quantized by `spec` (loaded in `dtype`, which RTN sees)."""
-    data = {"source": source_identity(source), "spec": spec.to_dict(), "dtype": dtype_name(dtype)}
+    data = {"version": CACHE_VERSION, "source": source_identity(source), "spec": spec.to_dict(),
+            "dtype": dtype_name(dtype)}
     if spec.method == "gptq" and spec.calibration_data and Path(spec.calibration_data).is_file():
         data["calibration"] = _file_identity(Path(spec.calibration_data))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
@@ -277,8 +279,11 @@ def check_agrees(spec: QuantSpec, model: nn.Module, source: str) -> None:
 def _load_cached(path: Path, source: str, dtype: torch.dtype, tokenizer=None) -> tuple[nn.Module, object, dict]:
     from lowbit_ft.loading import load_quantized, load_tokenizer
 
-    record = json.loads((path / RECORD_FILE).read_text())
-    model = load_quantized(path, dtype=dtype)
+    try:
+        record = json.loads((path / RECORD_FILE).read_text())
+        model = load_quantized(path, dtype=dtype)
+    except Exception as err:  # truncated safetensors, bad JSON, missing files: all the same to the user
+        raise ValueError(f"base cache entry {path} is damaged ({type(err).__name__}): delete that directory") from None
     if tokenizer is None:
         tokenizer = load_tokenizer(str(path))
     return model, tokenizer, record
@@ -307,31 +312,46 @@ def quantized_base(source: str, spec: QuantSpec | None, dtype: torch.dtype = tor
         raise ValueError(f"model.base={source!r} is a float model: add a lowbit_ft.LowBitPrecision plugin "
                          "(bits, group_size) to quantize it, or give a GPTQ / lowbit directory")
     root = cache_root()
-    for key in (cache_key_hint, None):
-        if not cache:
-            break
-        key = key or cache_key(source, spec, dtype)
-        if (root / key / RECORD_FILE).is_file():
-            model, tokenizer, record = _load_cached(root / key, source, dtype)
-            found = fingerprint(model)
-            if found != record.get("fingerprint"):
-                raise ValueError(f"base cache entry {root / key} is damaged (fingerprint {short(found)}, recorded "
-                                 f"{short(str(record.get('fingerprint')))}): delete that directory")
-            log.info("quantized base from the cache: %s", root / key)
-            return QuantizedBase(model, tokenizer, source, spec, found, dtype, key)
+    if cache and cache_key_hint and (root / cache_key_hint / RECORD_FILE).is_file():
+        return _from_cache(root / cache_key_hint, source, spec, dtype)
     key = cache_key(source, spec, dtype)
-    model, tokenizer = load_model(source, dtype)
-    print(f"quantizing base       {source}: {spec.describe()}", flush=True)
-    try:
-        spec.quantize(model, tokenizer, progress=progress)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
-    base = QuantizedBase(model.eval(), tokenizer, source, spec, fingerprint(model), dtype, key if cache else None)
-    if cache:
-        record = {**base.record(), "cache_key": key}
+    with _cache_lock(root, key) if cache else contextlib.nullcontext():
+        # under the lock: a run that started at the same time may have written the entry meanwhile
+        if cache and (root / key / RECORD_FILE).is_file():
+            return _from_cache(root / key, source, spec, dtype)
+        model, tokenizer = load_model(source, dtype)
+        print(f"quantizing base       {source}: {spec.describe()}", flush=True)
         try:
-            save_lowbit(model, root / key, tokenizer, dtype=dtype, extra_files={RECORD_FILE: json.dumps(record)})
-        except FileExistsError:  # another process wrote the same entry meanwhile: theirs is as good
-            pass
-        print(f"cached base           {root / key}", flush=True)
+            spec.quantize(model, tokenizer, progress=progress)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        base = QuantizedBase(model.eval(), tokenizer, source, spec, fingerprint(model), dtype, key if cache else None)
+        if cache:
+            save_lowbit(model, root / key, tokenizer, dtype=dtype, extra_files={RECORD_FILE: json.dumps(base.record())})
+            print(f"cached base           {root / key}", flush=True)
     return base
+
+
+def _from_cache(path: Path, source: str, spec: QuantSpec, dtype: torch.dtype) -> QuantizedBase:
+    model, tokenizer, record = _load_cached(path, source, dtype)
+    found = fingerprint(model)
+    if found != record.get("fingerprint"):
+        raise ValueError(f"base cache entry {path} is damaged (fingerprint {short(found)}, recorded "
+                         f"{short(str(record.get('fingerprint')))}): delete that directory")
+    log.info("quantized base from the cache: %s", path)
+    return QuantizedBase(model, tokenizer, source, spec, found, dtype, path.name)
+
+
+@contextlib.contextmanager
+def _cache_lock(root: Path, key: str):
+    """An exclusive lock per cache entry, so concurrent runs on one machine (or a shared file system that
+    supports flock) quantize a base once and the others wait and read it."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{key}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -11,15 +11,16 @@ from typing import Literal
 
 import torch
 from jsonargparse import CLI
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from lowbit_ft.adapters import save_adapters
 from lowbit_ft.base import DEFAULT_GROUP_SIZE, QuantSpec, cache_root, fingerprint, read_record
 from lowbit_ft.callbacks.merge_check import MergeMismatchError, check_merge
 from lowbit_ft.convert import dequantize_model, quant_layers
-from lowbit_ft.data import IGNORE_INDEX, InstructionDataModule, read_records
+from lowbit_ft.data import BUILTIN_DEMO, IGNORE_INDEX, InstructionDataModule, read_records
 from lowbit_ft.dtypes import parse_dtype
-from lowbit_ft.evaluate import evaluate_task, perplexity
+from lowbit_ft.evaluate import evaluate_task, perplexity, read_task
 from lowbit_ft.exporters import FORMATS as EXPORT_FORMATS
 from lowbit_ft.exporters import check as check_format
 from lowbit_ft.exporters import export as export_model
@@ -30,6 +31,7 @@ from lowbit_ft.loading import BUILTIN_SMOLLM2, load_model, load_quantized, load_
 from lowbit_ft.lowbit_format import save_lowbit
 from lowbit_ft.module import LowBitModule, NonFiniteLossError
 from lowbit_ft.report import QuantReport, logits_of, probe_batch, quantize_and_report
+from lowbit_ft.run_dir import last_checkpoint, place_outputs, release, run_directory
 
 
 def quantize(
@@ -103,36 +105,35 @@ def quantize(
     return report
 
 
-def module_from_checkpoint(checkpoint: Path, base: str | None = None) -> LowBitModule:
+def module_from_checkpoint(checkpoint: Path, base: str | None = None, option: str = "--checkpoint") -> LowBitModule:
     """Rebuild a trained LowBitModule from an adapter-only checkpoint: the base it recorded (from the base
     cache, or quantized again with the recorded spec; `base` points at a moved one), checked against the
     recorded fingerprint, plus the adapter weights. Loads with weights_only=True (no pickles)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: file not found")
+        raise FileNotFoundError(f"{option} {checkpoint}: file not found")
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated / foreign files
-        raise ValueError(f"--checkpoint {checkpoint}: not a readable checkpoint ({type(err).__name__})") from None
+        raise ValueError(f"{option} {checkpoint}: not a readable checkpoint ({type(err).__name__})") from None
     if "hyper_parameters" not in ckpt or not ({"lowbit_base", "lowbit_precision"} & set(ckpt)):
-        raise ValueError(f"--checkpoint {checkpoint}: not a lowbit-ft training checkpoint (no record of its "
+        raise ValueError(f"{option} {checkpoint}: not a lowbit-ft training checkpoint (no record of its "
                          "quantized base); export one written by lowbit-ft fit")
-    accepted = inspect.signature(LowBitModule.__init__).parameters
-    module = LowBitModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if k in accepted})
-    if base is not None:
-        module.hparams.base = str(base)
     record = ckpt.get("lowbit_base")
     if record is not None:
-        spec, dtype = read_record(record, f"--checkpoint {checkpoint}")
+        spec, dtype = read_record(record, f"{option} {checkpoint}")
         cache_key = None if base is not None else record.get("cache_key")
     else:  # written before bases were fingerprinted: the plugin's settings only, nothing to verify against
         spec, dtype, cache_key = legacy_spec(ckpt["lowbit_precision"])
-    source = module.hparams.base
+    hparams = dict(ckpt["hyper_parameters"])
+    source = hparams["base"] = str(base) if base is not None else hparams.get("base", BUILTIN_SMOLLM2)
     cached = cache_key is not None and (cache_root() / cache_key).is_dir()
     if not cached and source != BUILTIN_SMOLLM2 and not Path(source).exists():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: its base {source!r} is not there (moved?): pass "
+        raise FileNotFoundError(f"{option} {checkpoint}: its base {source!r} is not there (moved?): pass "
                                 "--base with the base it was trained on (its quantized directory, or the float "
                                 "model, quantized again and checked)")
+    accepted = inspect.signature(LowBitModule.__init__).parameters
+    module = LowBitModule(**{k: v for k, v in hparams.items() if k in accepted})
     module.build_model(spec, dtype, cache_key=cache_key)
     module.on_load_checkpoint(ckpt)  # same adapter keys and base fingerprint, or a one-line error
     module.load_state_dict(ckpt["state_dict"], strict=False)
@@ -180,6 +181,10 @@ def export(output: Path, checkpoint: Path | None = None, format: str = "lowbit",
     if peft_adapter is not None and base is None:
         raise ValueError("--peft_adapter needs --base: the GPTQ or lowbit directory the adapter was trained on")
     refuse_existing(output, overwrite)
+    target = Path(output).resolve()
+    for given in (checkpoint, base, peft_adapter):  # --overwrite must never replace what is being read
+        if given is not None and (Path(given).resolve() == target or target in Path(given).resolve().parents):
+            raise ValueError(f"--output {output} is (or holds) the input {given}; write the export elsewhere")
     if checkpoint is not None:
         module = module_from_checkpoint(checkpoint, base)
         model, tokenizer = module.model, module.base.tokenizer or load_tokenizer(module.hparams.base)
@@ -207,7 +212,7 @@ def export(output: Path, checkpoint: Path | None = None, format: str = "lowbit",
 def load_for_eval(model: str, dequantize: bool = False):
     """(model in eval mode, tokenizer) from any source `lowbit-ft eval` and `harness` accept."""
     if str(model).endswith(".ckpt"):
-        module = module_from_checkpoint(Path(model))
+        module = module_from_checkpoint(Path(model), option="--model")
         lm, tokenizer = module.model, module.base.tokenizer or load_tokenizer(module.hparams.base)
     else:
         lm, tokenizer = load_model(str(model))
@@ -263,14 +268,17 @@ def evaluate(model: str, data: list[str], output: Path | None = None, limit: int
     """
     if output is not None:
         refuse_existing(output)
+    for path in data:  # every file is checked before the model loads
+        read_task(path)
+    records = read_records(str(perplexity_data), "--perplexity_data")[:perplexity_samples] \
+        if perplexity_data is not None else None
     lm, tokenizer = load_for_eval(model, dequantize)
     results = {"model": str(model), "tasks": {}}
     for path in data:
         results["tasks"][Path(path).stem] = scores = evaluate_task(lm, tokenizer, path, limit)
         print(f"{Path(path).stem:<22} acc {scores['acc']:.3f}   per-token {scores['acc_per_token']:.3f}   "
               f"per-char {scores['acc_per_char']:.3f}   chance {scores['chance']:.3f}   n {scores['n']}")
-    if perplexity_data is not None:
-        records = read_records(str(perplexity_data))[:perplexity_samples]
+    if records is not None:
         results["perplexity"] = ppl = perplexity(lm, tokenizer, records, max_length, template)
         print(f"{'perplexity':<22} response {ppl['response']:.2f}   full text {ppl['text']:.2f}   "
               f"({ppl['records']} records of {perplexity_data})")
@@ -312,6 +320,55 @@ def harness(model: str, tasks: list[str], include_path: Path | None = None, incl
     return results
 
 
+#: settings a resumed run may change (besides trainer.*: max_steps, logging, callbacks, devices, …): they do not
+#: change what the adapters learn from the next step on. Every other model / data / plugin setting must match.
+RESUMABLE_CHANGES = ("model.gradient_checkpointing", "data.num_workers")
+#: what `validate` needs equal: the adapters' structure and scale (the rest is about training)
+VALIDATE_COMPARES = ("model.adapter", "model.r", "model.alpha", "model.adapter_args", "model.targets")
+
+
+def check_resume_config(ckpt_path: Path, config, subcommand: str) -> None:
+    """Before anything loads: refuse a resume (or validate) whose settings differ from the checkpoint's, naming
+    the key and both values. (LightningCLI would silently put the checkpoint's model.* over the command line.)
+    model.base is checked by the base's fingerprint instead (it may have moved), data.path only if the
+    recorded file still exists (else it moved), GPTQ's calibration file not at all (the fingerprint covers it)."""
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: file not found")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated / foreign files
+        raise ValueError(f"--ckpt_path {ckpt_path}: not a readable checkpoint ({type(err).__name__})") from None
+    model = config.model.as_dict()
+    pairs = [(f"model.{k}", v, model.get(k)) for k, v in ckpt.get("hyper_parameters", {}).items()
+             if not k.startswith("_") and k != "base"]
+    if subcommand == "fit":
+        data = config.data.as_dict()
+        pairs += [(f"data.{k}", v, data.get(k)) for k, v in ckpt.get("datamodule_hyper_parameters", {}).items()
+                  if not k.startswith("_") and k != "tokenizer"
+                  and not (k == "path" and v != BUILTIN_DEMO and not Path(str(v)).exists())]
+    recorded = (ckpt.get("lowbit_base") or {}).get("spec")
+    plugins = config.trainer.plugins if isinstance(config.trainer.plugins, list) else [config.trainer.plugins]
+    for plugin in plugins:
+        if recorded and getattr(plugin, "class_path", "").rsplit(".", 1)[-1] == "LowBitPrecision":
+            from lowbit_ft.precision import LowBitPrecision
+
+            current = LowBitPrecision(**plugin.init_args.as_dict()).spec.to_dict()
+            pairs += [(f"trainer.plugins.{k}", v, current.get(k)) for k, v in recorded.items()
+                      if k != "calibration_data"]
+    for key, old, new in pairs:
+        if key in RESUMABLE_CHANGES or (subcommand != "fit" and not key.startswith(VALIDATE_COMPARES)):
+            continue
+        if _canonical(old) != _canonical(new):
+            raise ValueError(f"--ckpt_path: {key} is {old!r} in the checkpoint but {new!r} now: resume with the "
+                             "checkpoint's settings, or start a new run (safe to change on resume: trainer.* such "
+                             f"as max_steps, logging and callbacks; {', '.join(RESUMABLE_CHANGES)})")
+
+
+def _canonical(value) -> str:
+    """Tuples and lists alike (a checkpoint stores betas as a list), None / {} / [] alike (unset)."""
+    return json.dumps(None if value in (None, {}, []) else value, sort_keys=True, default=str)
+
+
 class LowBitCLI(LightningCLI):
     """LightningCLI for LowBitModule + InstructionDataModule; the tokenizer follows model.base."""
 
@@ -323,14 +380,52 @@ class LowBitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.base", "data.tokenizer")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would overwrite the parsed model.* with the checkpoint's hyper-parameters, silently
+        # dropping command-line changes on resume; LowBitModule.on_load_checkpoint compares them instead and
+        # refuses a difference by name (lowbit_ft.module.check_resume_settings)
+        return
+
+    def before_instantiate_classes(self) -> None:
+        """Checks that need no model, then (fit) the run directory every output goes to."""
+        config = self.config[self.subcommand]
+        base = config.model.base
+        if base != BUILTIN_SMOLLM2 and not Path(base).exists():
+            raise FileNotFoundError(f"model.base={base!r}: no such file or directory; give 'smollm2', a HF / GPTQ / "
+                                    "lowbit directory, or a .gguf file")
+        if config.get("ckpt_path") == "last":  # Lightning's "last" would look in the new run: take the newest
+            found = last_checkpoint(config.trainer.default_root_dir)
+            if found is None:
+                raise FileNotFoundError(f"--ckpt_path last: no run under {config.trainer.default_root_dir} has a "
+                                        "checkpoints/last.ckpt")
+            config.ckpt_path = str(found)
+        if config.get("ckpt_path"):
+            check_resume_config(Path(config.ckpt_path), config, self.subcommand)
+        if self.subcommand == "fit":
+            self.run_dir, created = run_directory(config.trainer.default_root_dir, config.ckpt_path)
+            place_outputs(config, self.run_dir)
+            self._created_run = self.run_dir if created else None
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            if getattr(self, "_created_run", None) is not None:  # a config that fails leaves no empty run behind
+                release(self._created_run)
+            raise
+
+    def before_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f"run directory         {self.run_dir.resolve()}", flush=True)
+
     def after_fit(self) -> None:
-        """Say where the result is: the adapters (safetensors), the resumable checkpoint, the logs."""
+        """Say where the results are: the run directory, the adapters, the resumable checkpoint, the logs."""
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
-        root = Path(trainer.default_root_dir)
-        adapter_file = save_adapters(self.model.model, root / "adapters.safetensors", overwrite=True)
+        adapter_file = save_adapters(self.model.model, self.run_dir / "adapters.safetensors", overwrite=True)
         ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "(no checkpoint callback)"
+        print(f"run directory         {self.run_dir.resolve()}")
         print(f"adapters              {adapter_file.resolve()}")
         print(f"checkpoint (resume)   {ckpt}")
         if trainer.logger is not None and trainer.logger.log_dir:
@@ -369,14 +464,46 @@ def main(argv: list[str] | None = None) -> None:
             # `--data a --data b` appends (jsonargparse would read a lone list value as a file of items)
             argv = [f"{a}+={argv[i + 1]}" if a in LIST_OPTIONS and i + 1 < len(argv) else a
                     for i, a in enumerate(argv) if not (i > 0 and argv[i - 1] in LIST_OPTIONS)]
+            argv = with_bare_flags(PROJECT_COMMANDS[argv[0]], argv)
             CLI(PROJECT_COMMANDS, args=argv, as_positional=False, description=overview())
         else:
             LowBitCLI(LowBitModule, InstructionDataModule, args=None if from_shell else argv,
                       save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     except ArgumentError as err:
-        print(f"lowbit-ft: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"lowbit-ft: error: {innermost_error(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
-    except USER_ERRORS as err:
-        # user errors are one line, not a traceback
-        print(f"lowbit-ft: error: {err}", file=sys.stderr)
+    except (*USER_ERRORS, MisconfigurationException) as err:
+        # user errors are one line, not a traceback (nor jsonargparse's report on every union alternative)
+        hint = " (trainer.accelerator: no such device here; use auto or cpu)" \
+            if isinstance(err, MisconfigurationException) and "backend" in str(err) else ""
+        print(f"lowbit-ft: error: {innermost_error(str(err))}{hint}", file=sys.stderr)
         raise SystemExit(1 if isinstance(err, NonFiniteLossError) else 2) from None
+
+
+def with_bare_flags(command, argv: list[str]) -> list[str]:
+    """`--overwrite` alone means `--overwrite true` (as users write flags); jsonargparse wants the value."""
+    flags = {f"--{name}" for name, p in inspect.signature(command).parameters.items() if p.annotation in (bool, "bool")}
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")
+    return out
+
+
+# what jsonargparse says about every alternative of a union type it tried; the cause is the other line
+_PARSER_REPORT = ("Does not validate against", "Subtypes:", "Errors:", "Not a valid subclass", "Subclass types expect",
+                  "a class path", "a dict", "Given value", "Expected a", "Import path ")
+
+
+def innermost_error(message: str) -> str:
+    """One line: a one-line message as it is; from a multi-line parser report, the line that says what is wrong
+    (e.g. "LowBitPrecision bits=5 is not supported…" under 40 lines of union alternatives)."""
+    lines = [line.strip().removeprefix("- ").strip() for line in message.splitlines() if line.strip()]
+    causes = [i for i, line in enumerate(lines) if not line.startswith(_PARSER_REPORT)]
+    if len(causes) == len(lines) or not causes:  # not a union report (e.g. a YAML error): all of it, one line
+        return " ".join(lines) or message
+    cause = lines[causes[-1]]
+    if cause.endswith(":") and causes[-1] + 1 < len(lines):  # 'Parser key "x":' — the reason is the next line
+        cause = f"{cause} {lines[causes[-1] + 1]}"
+    return cause

@@ -6,7 +6,9 @@ tokens only (prompt labels are -100). `path: builtin:demo` generates a small off
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Literal
@@ -15,6 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lowbit_ft.checks import check_number
 from lowbit_ft.loading import load_tokenizer
 
 IGNORE_INDEX = -100
@@ -62,25 +65,60 @@ def demo_records(n: int = 512, seed: int = 0) -> list[dict]:
     return records
 
 
-def read_records(path: str) -> list[dict]:
-    """Records from a local .json/.jsonl file (read with `datasets`), or the built-in demo set.
-    Every record must have non-empty 'instruction' and 'output' strings."""
+def read_json_lines(path: str | os.PathLike, key: str) -> list[tuple[str, object]]:
+    """(where, value) for each record of a .jsonl file (one JSON value per line; `where` = "line N") or a
+    .json file (a list; "record N"). Every problem is one line naming `key`, the file, and the line."""
+    path = Path(path)
+    what = f"{key}={str(path)!r}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: file not found")
+    if path.suffix not in (".json", ".jsonl"):
+        raise ValueError(f"{what}: {path.suffix or 'a file without extension'} is not supported; give records as "
+                         ".jsonl (one JSON object per line) or .json (a list of objects)")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what}: not UTF-8 text (byte {err.start}); re-save the file as UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"{what}: the file is empty")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what}: line {err.lineno}: not valid JSON ({err.msg})") from None
+        return [(f"record {i}", value) for i, value in enumerate(values)]
+    out = []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a JSON string
+        if not line.strip():
+            continue
+        try:
+            out.append((f"line {number}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what}: line {number}: not valid JSON ({err.msg})") from None
+    return out
+
+
+def read_records(path: str, key: str = "data.path") -> list[dict]:
+    """Alpaca records from a local .json/.jsonl file, or the built-in demo set. Every record must be an
+    object with non-empty 'instruction' and 'output' strings ('input' optional); errors name the line."""
     if path == BUILTIN_DEMO:
         return demo_records()
     if not Path(path).is_file():
-        raise FileNotFoundError(f"data.path={path!r}: file not found; give a local Alpaca-format .json/.jsonl "
+        raise FileNotFoundError(f"{key}={path!r}: file not found; give a local Alpaca-format .json/.jsonl "
                                 f"file or '{BUILTIN_DEMO}'")
-    import datasets
-
-    try:
-        records = datasets.load_dataset("json", data_files=str(path), split="train").to_list()
-    except Exception as err:  # datasets wraps JSON errors in several exception types
-        raise ValueError(f"data.path={path!r}: not readable as JSON/JSONL records ({type(err).__name__})") from None
-    for i, record in enumerate(records):
+    records = []
+    for where, record in read_json_lines(path, key):
+        if not isinstance(record, dict):
+            raise ValueError(f"{key}={path!r}: {where} is not a JSON object")
         for field in ("instruction", "output"):
             if not isinstance(record.get(field), str) or not record[field]:
-                raise ValueError(f"data.path={path!r}: record {i} has no '{field}' string; every record needs "
-                                 "'instruction' and 'output' ('input' is optional)")
+                raise ValueError(f"{key}={path!r}: {where} has no '{field}' string; every record needs "
+                                 "'instruction' and 'output' strings ('input' is optional)")
+        if not isinstance(record.get("input") or "", str):
+            raise ValueError(f"{key}={path!r}: {where}: 'input' must be a string")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{key}={path!r}: no records in the file")
     return records
 
 
@@ -201,8 +239,14 @@ class InstructionDataModule(L.LightningDataModule):
         if path is None:
             raise ValueError("data.path is required: set it to your Alpaca .json/.jsonl file (e.g. --data.path "
                              "alpaca_data.json)")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        # an EOS and one response token need 2 positions; max_length ≤ 0 cut records from the end (and
+        # looped forever with packing)
+        check_number("data.max_length", max_length, minimum=2, integer=True)
+        check_number("data.batch_size", batch_size, minimum=1, integer=True)
+        check_number("data.val_fraction", val_fraction, minimum=0, below=1)
+        check_number("data.num_workers", num_workers, minimum=0, integer=True)
+        if limit is not None:
+            check_number("data.limit", limit, minimum=1, integer=True)
         self.save_hyperparameters()
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []

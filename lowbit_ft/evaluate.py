@@ -7,7 +7,6 @@ accuracy is reported for the sum, per token and per character, with chance = mea
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,27 +14,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit_ft.data import has_response, next_token_labels, tokenize
+from lowbit_ft.data import has_response, next_token_labels, read_json_lines, tokenize
 
 
 def read_task(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: file not found")
+    """Multiple-choice items {question, choices, answer} from a .jsonl file; errors name the line."""
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"--data {path}: line {number} is not JSON") from None
-        choices, answer = item.get("choices"), item.get("answer")
-        if not isinstance(item.get("question"), str) or not isinstance(choices, list) or len(choices) < 2 \
+    for where, item in read_json_lines(path, "--data"):
+        choices, answer = (item.get("choices"), item.get("answer")) if isinstance(item, dict) else (None, None)
+        if not isinstance(item, dict) or not isinstance(item.get("question"), str) or not isinstance(choices, list) \
+                or len(choices) < 2 or not all(isinstance(c, str) for c in choices) \
                 or not isinstance(answer, int) or not 0 <= answer < len(choices):
-            raise ValueError(f"--data {path}: line {number} needs 'question' (str), 'choices' (≥ 2 strings) and "
+            raise ValueError(f"--data={str(path)!r}: {where} needs 'question' (str), 'choices' (≥ 2 strings) and "
                              "'answer' (an index into choices)")
         items.append(item)
+    if not items:
+        raise ValueError(f"--data={str(path)!r}: no items in the file")
     return items
 
 
@@ -77,6 +71,8 @@ def evaluate_task(model: nn.Module, tokenizer, path: str | Path, limit: int | No
                   predictions: bool = False) -> dict:
     """Accuracy (sum, per token, per character), chance and item count for one task file; with
     `predictions`, also the index each item's summed score picks (to compare two models item by item)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit} must be ≥ 1")
     items = read_task(path)[:limit]
     hits = {"acc": 0, "acc_per_token": 0, "acc_per_char": 0}
     picks = []

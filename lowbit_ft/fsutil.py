@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,29 +18,87 @@ from torch import nn
 
 from lowbit_ft.dtypes import dtype_name
 
+#: written into every directory this tool creates; lists its files, so --overwrite can tell ours from others'
+OUTPUT_MARKER = ".lowbit-ft-output.json"
+
 
 def refuse_existing(path: str | os.PathLike, overwrite: bool | None = False, what: str = "output") -> None:
-    """The one "output is there already" check. `overwrite=None`: the caller has no overwrite option."""
-    if Path(path).exists() and not overwrite:
+    """The one "output is there already" check, run before any work. `overwrite=None`: the caller has no
+    overwrite option. With `overwrite`, an existing directory is replaced only if this tool wrote it
+    (its marker file) and it holds nothing else since: never a run directory, an input, or a user's files."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not overwrite:
         hint = "choose another path" + (" or pass --overwrite" if overwrite is not None else "")
         raise FileExistsError(f"{what} {path} already exists; {hint}")
+    if not path.is_dir():
+        return
+    marker = path / OUTPUT_MARKER
+    if not marker.is_file():
+        raise FileExistsError(f"{what} {path} is not a directory lowbit-ft wrote (no {OUTPUT_MARKER}); --overwrite "
+                              "only replaces an earlier export or quantize output: choose another path")
+    ours = set(json.loads(marker.read_text()).get("files", []))
+    foreign = sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                     if p.is_file() and p != marker and str(p.relative_to(path)) not in ours)
+    if foreign:
+        raise FileExistsError(f"{what} {path} holds {foreign[0]}, which lowbit-ft did not write there; --overwrite "
+                              "never deletes other files: move it away or choose another path")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir: Path) -> list[Path]:
+    """Delete the `.NAME.PID.*.partial` / `.NAME.old-PID` / `.NAME.partial-PID` leftovers of writes to exactly
+    `out_dir` whose process (on this machine) died, e.g. an export killed midway (GBs for a 7B model).
+    Those of live processes, and anything whose name does not match exactly, are left alone."""
+    pattern = re.compile(re.escape(f".{out_dir.name}.") + r"(?:(\d+)\.[A-Za-z0-9_]+\.partial|old-(\d+)|partial-(\d+))")
+    removed = []
+    for leftover in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*"):
+        match = pattern.fullmatch(leftover.name)
+        if match is None or _alive(int(next(g for g in match.groups() if g))):
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
 
 
 @contextmanager
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `out_dir`; on success it becomes `out_dir`.
 
-    An existing `out_dir` is refused unless `overwrite`, and is only replaced once the new one is
-    complete. On any error the temporary directory is removed and `out_dir` is left as it was.
+    An existing `out_dir` is refused unless `overwrite` and it is an earlier output of this tool
+    (`refuse_existing`), and is only replaced once the new one is complete. On any error the temporary
+    directory is removed and `out_dir` is left as it was; leftovers of killed writers are removed first.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output {out_dir} is a file; give a directory path")
     refuse_existing(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    remove_stale_partials(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".partial", dir=out_dir.parent))
     try:
         yield tmp
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        (tmp / OUTPUT_MARKER).write_text(json.dumps({"written_by": "lowbit-ft", "files": files}, indent=1))
         default_permissions(tmp)
-        if out_dir.exists():
+        if out_dir.exists():  # checked again: something may have appeared (or been added) while we wrote
+            if not overwrite:
+                raise FileExistsError(f"output {out_dir} appeared while writing; the export is discarded, "
+                                      "nothing was replaced")
+            refuse_existing(out_dir, overwrite)
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)

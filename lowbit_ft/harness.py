@@ -48,7 +48,25 @@ def run_harness(model: nn.Module, tokenizer, tasks: list[str], include_path: str
     if unknown:
         raise ValueError(f"--tasks {unknown}: lm-eval knows no such task; check the name (lm-eval ls tasks) or "
                          "add its YAML folder with --include_path")
-    output = lm_eval.simple_evaluate(model=harness_model(model, tokenizer, batch_size), tasks=list(tasks),
-                                     task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-                                     log_samples=False)
+    try:
+        output = lm_eval.simple_evaluate(model=harness_model(model, tokenizer, batch_size), tasks=list(tasks),
+                                         task_manager=manager, num_fewshot=num_fewshot, limit=limit,
+                                         log_samples=False)
+    except Exception as err:
+        if not _dataset_unavailable(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"--tasks {list(tasks)}: lm-eval could not load a task's dataset ({type(err).__name__}: "
+                         f"{first[:160]}); offline, it must already be in the Hugging Face datasets cache: run "
+                         "once online, or use a local task with --include_path") from None
     return output["results"]
+
+
+def _dataset_unavailable(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) is a dataset that could not be fetched: offline, or no such dataset."""
+    while err is not None:
+        module = type(err).__module__
+        if isinstance(err, ConnectionError) or module.startswith(("datasets", "huggingface_hub", "requests")):
+            return True
+        err = err.__cause__ or err.__context__
+    return False

@@ -23,6 +23,7 @@ from torch import nn
 
 from lowbit_ft import adapters
 from lowbit_ft.base import QuantizedBase, QuantSpec, fingerprint, quantized_base, short
+from lowbit_ft.checks import check_number
 from lowbit_ft.convert import quant_layers
 from lowbit_ft.data import BUILTIN_DEMO, IGNORE_INDEX, next_token_labels
 from lowbit_ft.precision import LowBitPrecision
@@ -67,6 +68,14 @@ class LowBitModule(L.LightningModule):
             raise ValueError(f"model.scheduler={scheduler!r} is unknown: use 'constant' or 'cosine'")
         if optimizer not in ("adamw", "paged_adamw", "adamw_8bit"):
             raise ValueError(f"model.optimizer={optimizer!r} is unknown: use adamw, paged_adamw or adamw_8bit")
+        check_number("model.r", r, minimum=1, integer=True)
+        check_number("model.alpha", alpha, above=0)
+        check_number("model.dropout", dropout, minimum=0, below=1)
+        check_number("model.lr", lr, above=0)
+        check_number("model.weight_decay", weight_decay, minimum=0)
+        for i, beta in enumerate(betas):
+            check_number(f"model.betas[{i}]", beta, minimum=0, below=1)
+        check_number("model.warmup_steps", warmup_steps, minimum=0, integer=True)
         self.save_hyperparameters()
         self.model: nn.Module | None = None
         self.base: QuantizedBase | None = None  # the quantized base and its identity (set by build_model)

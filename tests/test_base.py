@@ -171,7 +171,7 @@ def test_gptq_fit_exports_from_its_cached_base_and_refuses_another(tiny_model_di
             "--trainer.plugins.init_args.calibration_samples", "4", "--trainer.plugins.init_args.calibration_length",
             "32"]
     main(fit_args(src, *gptq, steps=4))
-    ckpt = tmp_path / "out/quickstart/checkpoints/last.ckpt"
+    ckpt = tmp_path / "out/quickstart/version_0/checkpoints/last.ckpt"
     record = torch.load(ckpt, map_location="cpu", weights_only=True)["lowbit_base"]
     assert record["spec"]["method"] == "gptq" and record["spec"]["calibration_data"] == "builtin:demo"
     entry = cache_root() / record["cache_key"]
@@ -225,7 +225,7 @@ def test_qa_hira_on_a_gptq_8x4_base_is_two_commands_and_a_moved_base_needs_base(
           "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
           "--trainer.callbacks.every_n_train_steps", "2", "--model.optimizer", "adamw", "--model.r", "4",
           "--model.gradient_checkpointing", "false"])
-    ckpt = tmp_path / "out/llama2_7b_qa_hira_int4/checkpoints/last.ckpt"
+    ckpt = tmp_path / "out/llama2_7b_qa_hira_int4/version_0/checkpoints/last.ckpt"
     shutil.move(tmp_path / "gptq-8x4", tmp_path / "elsewhere")
     with pytest.raises(SystemExit):
         main(["export", "--checkpoint", str(ckpt), "--output", "merged"])
@@ -244,6 +244,6 @@ def test_the_paper_recipe_runs_gptq_from_the_recipe(tiny_model_dir, tmp_path, mo
           "--trainer.callbacks.every_n_train_steps", "2", "--model.optimizer", "adamw", "--model.r", "4",
           "--model.gradient_checkpointing", "false", "--trainer.plugins.init_args.calibration_samples", "4",
           "--trainer.plugins.init_args.calibration_length", "32"])
-    ckpt = tmp_path / "out/llama7b_int4/checkpoints/last.ckpt"
+    ckpt = tmp_path / "out/llama7b_int4/version_0/checkpoints/last.ckpt"
     record = torch.load(ckpt, map_location="cpu", weights_only=True)["lowbit_base"]
     assert record["spec"]["method"] == "gptq" and record["layout"] == "INT4 (1×32 blocks)"

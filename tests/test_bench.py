@@ -19,16 +19,6 @@ def test_bench_smoke(script):
     assert "device:" in done.stdout and ("x" in done.stdout.splitlines()[-1])
 
 
-@pytest.mark.slow
-def test_train_step_smollm2_cpu_mode_runs():
-    """The CPU comparison on the real SmolLM2 (QA-LoRA INT4 vs PEFT LoRA), at a toy size."""
-    done = subprocess.run([sys.executable, str(BENCH / "train_step.py"), "--smollm2", "--batch", "1", "--seq", "32",
-                           "--steps", "1", "--r", "4"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    last = done.stdout.splitlines()[-1]
-    assert last.startswith("qa_lora_int4 vs peft_lora_fp32:") and "x peak RSS" in last
-
-
 def test_reproduce_smoke(tmp_path):
     """bench/reproduce.py end to end on a tiny random LLaMA: every method at every bits, merged QA-LoRA and
     QA-HiRA picking the same answer as adapter-on on every item, the table and the plot written."""

@@ -57,3 +57,31 @@ def test_console_script_help_lists_commands():
     cmd = [sys.executable, "-m", "lowbit_ft", "--help"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert "quantize" in out and "Quantize a model's linear layers" in out
+
+
+def test_boolean_options_work_as_bare_flags(tiny_dir, tmp_path, capsys):
+    """README writes `--overwrite`; jsonargparse wanted `--overwrite true`."""
+    out = tmp_path / "int4"
+    main(["quantize", "--model", str(tiny_dir), "--bits", "4", "--group_size", "32", "--output", str(out)])
+    main(["quantize", "--model", str(tiny_dir), "--bits", "4", "--group_size", "32", "--output", str(out),
+          "--overwrite"])
+    main(["quantize", "--model", str(tiny_dir), "--bits", "4", "--group_size", "32", "--overwrite",
+          "--output", str(out), "--symmetric"])
+    assert capsys.readouterr().out.count("saved (gptq_v2)") == 3
+
+
+@pytest.mark.parametrize(("message", "expected"), [
+    ("plain", "plain"),
+    ("Problems parsing config: while parsing\n  in line 2\ndid not find ','",
+     "Problems parsing config: while parsing in line 2 did not find ','"),
+    ('Parser key "data.batch_size":\n  Expected a <class \'int\'>. Got value: abc',
+     'Parser key "data.batch_size": Expected a <class \'int\'>. Got value: abc'),
+    ("Does not validate against any of the Union subtypes\nSubtypes: [A, B]\nErrors:\n  - Not a valid subclass of A\n"
+     "    Subclass types expect one of:\n    - a class path (str)\n  - LowBitPrecision bits=5 is not supported\n"
+     "  - Import path x does not correspond to a subclass of B\nGiven value type: list",
+     "LowBitPrecision bits=5 is not supported"),
+])
+def test_parser_reports_become_the_one_line_that_says_what_is_wrong(message, expected):
+    from lowbit_ft.cli import innermost_error
+
+    assert innermost_error(message) == expected

@@ -63,10 +63,36 @@ def test_json_and_jsonl_files_read(tmp_path):
         assert [r["output"] for r in read_records(str(tmp_path / name))] == ["b", "d"]
 
 
-def test_not_json_refused(tmp_path):
-    (tmp_path / "d.jsonl").write_text("{not json\n")
-    with pytest.raises(ValueError, match=r"not readable as JSON/JSONL records"):
-        read_records(str(tmp_path / "d.jsonl"))
+GOOD = json.dumps({"instruction": "a", "output": "b"})
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("d.jsonl", f"{GOOD}\n{{not json\n", "d.jsonl': line 2: not valid JSON (Expecting property name"),
+    ("d.jsonl", "", "d.jsonl': the file is empty"),
+    ("d.jsonl", "\n  \n", "d.jsonl': the file is empty"),
+    ("d.json", "[]", "d.json': no records in the file"),
+    ("d.jsonl", f"{GOOD}\n" + json.dumps({"instruction": "c", "output": 7}), "line 2 has no 'output' string"),
+    ("d.jsonl", f"{GOOD}\n[1, 2]", "line 2 is not a JSON object"),
+    ("d.json", '[{"instruction": "a",\n "output": }]', "d.json': line 2: not valid JSON"),
+    ("d.csv", "instruction,output\na,b\n", ".csv is not supported; give records as .jsonl"),
+    ("d.jsonl", b"\xff\xfe{}", "not UTF-8 text (byte 0); re-save the file as UTF-8"),
+])
+def test_bad_data_files_are_named_with_the_line_and_the_fix(name, content, message, tmp_path):
+    """The unclear ones of the reliability review: StopIteration for an empty file, DatasetGenerationError
+    without a line, a bad `output` in record 1 blamed on record 0 (datasets coerced the column), …"""
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError) as info:
+        read_records(str(path))
+    assert message in str(info.value) and str(info.value).startswith(f"data.path='{path}'")
+
+
+def test_jsonl_lines_are_split_on_newlines_only(tmp_path):
+    """U+2028 is valid unescaped inside a JSON string (ensure_ascii=False writes it); splitlines() cut there."""
+    record = {"instruction": "a\u2028b", "output": "c\x85d"}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_records(str(path)) == [record]
 
 
 def test_seeded_split(tiny_model_dir):

@@ -87,6 +87,23 @@ def test_bad_task_file_refused(tmp_path):
         read_task(tmp_path / "t.jsonl")
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    ("", "the file is empty"),  # was a ZeroDivisionError traceback (harm 6 of the reliability review)
+    ("\n\n", "the file is empty"),
+    ("{bad\n", "line 1: not valid JSON"),
+])
+def test_empty_or_broken_task_file_is_one_line_naming_it(content, message, tiny_model_dir, tmp_path, capsys):
+    from lowbit_ft.cli import main
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(content)
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(tiny_model_dir), "--data", str(path)])
+    err = capsys.readouterr().err.strip()
+    # one line, and before the model loads (no "Loading weights" bar)
+    assert err.startswith(f"lowbit-ft: error: --data='{path}': {message}") and len(err.splitlines()) == 1
+
+
 def test_eval_command_writes_json(tiny_model_dir, tmp_path, capsys):
     paths = []
     for name in ("a", "b"):

@@ -2,6 +2,9 @@
 The real runtimes (llama.cpp, mlx-lm, PEFT) read these exports in test_runtimes.py."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -213,8 +216,27 @@ def test_existing_output_refused_then_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="already exists; choose another path or pass --overwrite"):
         export(adapted(), tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    export(adapted(), tmp_path / "out", overwrite=True)
-    assert (tmp_path / "out" / "config.json").exists() and not (tmp_path / "out" / "keep.txt").exists()
+    with pytest.raises(FileExistsError, match="is not a directory lowbit-ft wrote"):  # a user's folder: kept
+        export(adapted(), tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    export(adapted(), tmp_path / "ours")
+    export(adapted(), tmp_path / "ours", overwrite=True)  # an earlier export: replaced
+    assert (tmp_path / "ours" / "config.json").exists()
+
+
+def test_a_killed_exports_leftovers_are_removed_by_the_next(tmp_path):
+    """Harm 7: a run killed mid-export left `.NAME.PID.*.partial` (GBs for a 7B model) forever."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.{dead.pid}.x1y2.partial"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".out.{os.getpid()}.z3.partial"  # a writer still at work (this process): left alone
+    live.mkdir()
+    other = tmp_path / f".out.2024.{dead.pid}.ab.partial"  # an export to "out.2024": not ours to judge
+    other.mkdir()
+    export(adapted(), tmp_path / "out")
+    assert not stale.exists() and live.is_dir() and other.is_dir() and (tmp_path / "out" / "config.json").is_file()
 
 
 def test_python_entry_point(tmp_path, tokens):

@@ -2,6 +2,7 @@
 from the checkpoint, and the GPTQ export loaded by transformers + gptqmodel."""
 
 import csv
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -29,24 +30,24 @@ def trained(tiny_model_dir, tmp_path_factory):
     try:
         main(fit_args(tiny_model_dir, "--trainer.callbacks+=lowbit_ft.callbacks.MergeCheck",
                       "--trainer.callbacks+=lowbit_ft.callbacks.QuantizedExport",
-                      "--trainer.callbacks.output", "out/merged", steps=4))
+                      "--trainer.callbacks.output", "merged", steps=4))  # inside the run directory
     finally:
         os.chdir(cwd)
     return root
 
 
 def test_fit_runs_the_merge_check_and_exports(trained):
-    (metrics,) = trained.glob("out/quickstart/logs/version_*/metrics.csv")
+    (metrics,) = trained.glob("out/quickstart/version_0/logs/version_*/metrics.csv")
     rows = [r for r in csv.DictReader(metrics.open()) if r.get("merge_check/layer/max_rel")]
     assert rows and float(rows[-1]["merge_check/layer/max_rel"]) < 1e-4
     assert float(rows[-1]["merge_check/merged/top1_agreement"]) == 1.0
-    card = (trained / "out/merged/README.md").read_text()
+    card = (trained / "out/quickstart/version_0/merged/README.md").read_text()
     assert "adapter merged: qa_lora" in card and "merged/top1_agreement: 1" in card
-    assert len(quant_layers(load_quantized(trained / "out/merged"))) == 14
+    assert len(quant_layers(load_quantized(trained / "out/quickstart/version_0/merged"))) == 14
 
 
 def test_export_command_matches_the_adapter_on_model(trained, tmp_path, capsys):
-    ckpt = trained / "out/quickstart/checkpoints/last.ckpt"
+    ckpt = trained / "out/quickstart/version_0/checkpoints/last.ckpt"
     out = tmp_path / "exported"
     main(["export", "--checkpoint", str(ckpt), "--output", str(out), "--dtype", "float32"])
     text = capsys.readouterr().out
@@ -126,7 +127,7 @@ def test_export_sources_are_checked_before_anything_loads(args, message, tmp_pat
 def test_export_command_writes_gguf_and_mlx_from_a_checkpoint(trained, tmp_path, capsys):
     """The fit's QA-LoRA (INT4, g = 32) through `lowbit-ft export` into the two runtime formats; both carry
     the tokenizer and the model card with the merge check's figures."""
-    ckpt = trained / "out/quickstart/checkpoints/last.ckpt"
+    ckpt = trained / "out/quickstart/version_0/checkpoints/last.ckpt"
     for fmt, file in (("gguf", "model-Q4_1.gguf"), ("mlx", "model.safetensors")):
         main(["export", "--checkpoint", str(ckpt), "--format", fmt, "--output", str(tmp_path / fmt)])
         assert f"exported ({fmt})" in capsys.readouterr().out
@@ -136,7 +137,8 @@ def test_export_command_writes_gguf_and_mlx_from_a_checkpoint(trained, tmp_path,
 
 def test_a_checkpoint_from_before_fingerprints_still_exports(trained, tmp_path, capsys):
     """Older checkpoints stored the plugin's arguments ("lowbit_precision") instead of the base's record."""
-    ckpt = torch.load(trained / "out/quickstart/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    path = trained / "out/quickstart/version_0/checkpoints/last.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     spec = ckpt.pop("lowbit_base")["spec"]
     ckpt["lowbit_precision"] = {"bits": spec["bits"], "group_size": spec["group_size"], "block_out": 1,
                                 "method": "rtn", "symmetric": False, "dtype": "float32", "targets": None,
@@ -144,3 +146,27 @@ def test_a_checkpoint_from_before_fingerprints_still_exports(trained, tmp_path, 
     torch.save(ckpt, tmp_path / "old.ckpt")
     main(["export", "--checkpoint", str(tmp_path / "old.ckpt"), "--output", str(tmp_path / "out")])
     assert "merged/top1_agreement=1" in capsys.readouterr().out
+
+
+def test_overwrite_never_deletes_a_run_or_foreign_files(trained, tmp_path, capsys):
+    """Harm 1 of the reliability review: `--output RUN --overwrite true` deleted the checkpoint it exported."""
+    run = tmp_path / "run"
+    shutil.copytree(trained / "out/quickstart/version_0", run)
+    ckpt = run / "checkpoints/last.ckpt"
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(ckpt), "--output", str(run), "--overwrite", "true"])
+    assert f"output {run} is not a directory lowbit-ft wrote" in capsys.readouterr().err
+    assert ckpt.is_file() and (run / "adapters.safetensors").is_file()
+    merged = tmp_path / "merged"
+    main(["export", "--checkpoint", str(ckpt), "--output", str(merged)])
+    (merged / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(ckpt), "--output", str(merged), "--overwrite", "true"])
+    assert "holds notes.txt, which lowbit-ft did not write there" in capsys.readouterr().err
+    assert (merged / "notes.txt").read_text() == "mine"
+    (merged / "notes.txt").unlink()
+    with pytest.raises(SystemExit):  # the checkpoint itself as the output
+        main(["export", "--checkpoint", str(ckpt), "--output", str(ckpt), "--overwrite"])
+    assert "is (or holds) the input" in capsys.readouterr().err and ckpt.is_file()
+    main(["export", "--checkpoint", str(ckpt), "--output", str(merged), "--overwrite", "true"])  # our own: replaced
+    assert (merged / "model.safetensors").is_file()

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +33,7 @@ def fit_args(model_dir, *extra, steps=8):
 
 
 def train_losses(root: Path) -> list[float]:
-    (metrics,) = root.glob("out/quickstart/logs/version_*/metrics.csv")
+    (metrics,) = root.glob("out/quickstart/version_0/logs/version_*/metrics.csv")
     rows = list(csv.DictReader(metrics.open()))
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
@@ -45,32 +47,42 @@ def test_fit_lowers_loss_and_checkpoints_adapters_only(tiny_model_dir, tmp_path,
     main(fit_args(tiny_model_dir, "--model.lr", "0.01"))
     losses = train_losses(tmp_path)
     assert len(losses) == 8 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
-    ckpt = tmp_path / "out/quickstart/checkpoints/last.ckpt"
+    ckpt = tmp_path / "out/quickstart/version_0/checkpoints/last.ckpt"
     state = adapter_state(ckpt)
     assert state and all(".adapter." in k for k in state)
     adapter_bytes = sum(t.numel() * t.element_size() for t in state.values())
     # adapters + two AdamW moments + loop/config state; the tiny base alone would be > 12 MB
     assert ckpt.stat().st_size < 3 * adapter_bytes + 200_000
-    assert (tmp_path / "out/quickstart/adapters.safetensors").is_file()  # written by after_fit
+    assert (tmp_path / "out/quickstart/version_0/adapters.safetensors").is_file()  # written by after_fit
     main(["validate", "--config", QUICKSTART, "--model.base", str(tiny_model_dir), "--model.r", "4",
           "--data.limit", "20", "--data.val_fraction", "0.2", "--data.max_length", "64", "--ckpt_path", str(ckpt)])
 
 
-def test_resume_matches_an_uninterrupted_run_bitwise(tiny_model_dir, tmp_path, monkeypatch):
-    """Stopped mid-epoch (step 2 of 4), with adapter dropout: the data order and the dropout masks of
-    the resumed run are those of the uninterrupted one."""
-    def run(folder, *extra, steps):
-        (tmp_path / folder).mkdir(exist_ok=True)
-        monkeypatch.chdir(tmp_path / folder)
-        args = fit_args(tiny_model_dir, "--model.dropout", "0.1", *extra, steps=steps)
-        args[args.index("--trainer.callbacks.every_n_train_steps") + 1] = "1"
-        main(args)
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_adapters_bitwise(tiny_model_dir, tmp_path, monkeypatch):
+    """SIGKILL right after the step-2 checkpoint (mid-epoch: 4 batches an epoch), then `fit --ckpt_path`: the
+    adapters equal an uninterrupted run's bit for bit, with adapter dropout on (data order and dropout masks
+    are those of the uninterrupted run). All through the CLI; the killed run in its own process."""
+    def args(*extra, steps):
+        out = fit_args(tiny_model_dir, "--model.dropout", "0.1", *extra, steps=steps)
+        out[out.index("--trainer.callbacks.every_n_train_steps") + 1] = "1"
+        return out
 
-    run("a", steps=7)
-    run("b", steps=2)
-    run("b", "--ckpt_path", "out/quickstart/checkpoints/last.ckpt", steps=7)
-    straight = adapter_state(tmp_path / "a/out/quickstart/checkpoints/last.ckpt")
-    resumed = adapter_state(tmp_path / "b/out/quickstart/checkpoints/last.ckpt")
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    main(args(steps=7))
+    killed = tmp_path / "b"
+    killed.mkdir()
+    shutil.copy(Path(__file__).parent / "callbacks.py", killed / "fault_callbacks.py")
+    done = subprocess.run([sys.executable, "-m", "lowbit_ft", *args("--trainer.callbacks+=fault_callbacks.KillAt",
+                                                                   steps=7)],
+                          cwd=killed, capture_output=True, text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    ckpt = killed / "out/quickstart/version_0/checkpoints/last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2
+    monkeypatch.chdir(killed)
+    main([*args(steps=7), "--ckpt_path", str(ckpt)])
+    straight = adapter_state(tmp_path / "a/out/quickstart/version_0/checkpoints/last.ckpt")
+    resumed = adapter_state(ckpt)
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
@@ -87,7 +99,7 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_model_dir, tmp_path, 
                         steps=3)
         args[args.index("--trainer.val_check_interval") + 1] = "2"
         main(args)
-        states.append(adapter_state(tmp_path / folder / "out/quickstart/checkpoints/last.ckpt"))
+        states.append(adapter_state(tmp_path / folder / "out/quickstart/version_0/checkpoints/last.ckpt"))
     for key in states[0]:
         assert torch.allclose(states[0][key], states[1][key], rtol=1e-4, atol=1e-6), key
 
@@ -104,7 +116,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("lowbit-ft: error: loss is nan at global step 3: training stopped; the last good "
                           "checkpoint is ") and "last.ckpt" in err
-    state = adapter_state(tmp_path / "out/quickstart/checkpoints/last.ckpt")
+    state = adapter_state(tmp_path / "out/quickstart/version_0/checkpoints/last.ckpt")
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
@@ -114,7 +126,7 @@ def test_wandb_offline_run_writes_its_directory(tiny_model_dir, tmp_path, monkey
     main(fit_args(tiny_model_dir, "--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
                   "--trainer.logger.offline", "true", "--trainer.logger.save_dir", str(tmp_path),
                   "--trainer.logger.project", "lowbit-ft-test", steps=2))
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    runs = list((tmp_path / "out/quickstart/version_0/wandb").glob("offline-run-*"))  # in the run directory
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
 
 
@@ -132,7 +144,7 @@ def test_every_recipe_key_has_a_comment():
         for number, line in enumerate(recipe.read_text().splitlines(), 1):
             code = line.split("#", 1)[0].strip()
             if code and not code.endswith(":") and not code.startswith("- class_path"):  # section headers aside
-                assert "#" in line, f"{recipe.name}:{number} has no comment: {line.strip()}"
+                assert " #" in line, f"{recipe.name}:{number} has no comment (a '#' needs a space before it): {line}"
 
 
 def one_line_error(capsys, args) -> str:
@@ -162,7 +174,7 @@ def test_missing_field_in_a_record(tiny_model_dir, capsys, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
     err = one_line_error(capsys, fit_args(tiny_model_dir, "--data.path", str(data)))
-    assert "record 1 has no 'output' string; every record needs 'instruction' and 'output'" in err
+    assert "line 2 has no 'output' string; every record needs 'instruction' and 'output'" in err
 
 
 def test_group_size_not_dividing_in_features(tiny_model_dir, capsys):
@@ -178,7 +190,8 @@ def test_ddp_two_processes_equal_one_process(tiny_model_dir, tmp_path):
         cmd = [sys.executable, "-m", "lowbit_ft", *fit_args(tiny_model_dir, "--trainer.accelerator", "cpu",
                                                             *extra, steps=4)]
         done = subprocess.run(cmd, cwd=tmp_path / folder, check=True, capture_output=True, text=True, timeout=600)
-        return adapter_state(tmp_path / folder / "out/quickstart/checkpoints/last.ckpt"), done.stdout + done.stderr
+        state = adapter_state(tmp_path / folder / "out/quickstart/version_0/checkpoints/last.ckpt")
+        return state, done.stdout + done.stderr
 
     single, _ = run("one", "--data.batch_size", "4")
     double, log = run("two", "--data.batch_size", "2", "--trainer.devices", "2", "--trainer.strategy", "ddp")
@@ -186,3 +199,60 @@ def test_ddp_two_processes_equal_one_process(tiny_model_dir, tmp_path):
     for key in single:
         # same global batch and token-weighted loss; only float reduction order differs
         assert torch.allclose(single[key], double[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_two_runs_never_share_files_and_resume_continues_its_own(tiny_model_dir, tmp_path, capsys):
+    """Harms 4 and 5: a second quickstart wrote last-v1.ckpt beside the first's last.ckpt and overwrote its
+    adapters; --trainer.default_root_dir moved only the adapters."""
+    main(fit_args(tiny_model_dir, steps=2))
+    first = tmp_path / "out/quickstart/version_0"
+    before = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    main(fit_args(tiny_model_dir, steps=2))
+    second = tmp_path / "out/quickstart/version_1"
+    assert f"run directory         {second.resolve()}" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in first.rglob("*") if p.is_file()} == before  # the first run untouched
+    assert (second / "checkpoints/last.ckpt").is_file() and not list(tmp_path.rglob("last-v*.ckpt"))
+    main(fit_args(tiny_model_dir, "--trainer.default_root_dir", "elsewhere", steps=2))
+    moved = tmp_path / "elsewhere/version_0"
+    for part in ("checkpoints/last.ckpt", "adapters.safetensors"):
+        assert (moved / part).is_file(), part
+    assert list(moved.glob("logs/version_*/metrics.csv"))
+    main([*fit_args(tiny_model_dir, steps=4), "--ckpt_path", str(first / "checkpoints/last.ckpt")])
+    assert not (tmp_path / "out/quickstart/version_2").exists()  # resumed in the run it names
+    main([*fit_args(tiny_model_dir, steps=8), "--ckpt_path", "last"])  # the newest run's last.ckpt: version_1
+    assert torch.load(second / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 8
+    assert len(list(first.glob("logs/version_*/metrics.csv"))) == 2  # a new log per session, the old one kept
+
+
+def test_resume_refuses_changed_settings_naming_them(tiny_model_dir, tmp_path, capsys):
+    """Harm 3: --model.lr / --model.adapter changes were silently ignored on resume."""
+    main(fit_args(tiny_model_dir, steps=2))
+    ckpt = str(tmp_path / "out/quickstart/version_0/checkpoints/last.ckpt")
+    err = one_line_error(capsys, [*fit_args(tiny_model_dir, "--model.lr", "0.01", steps=4), "--ckpt_path", ckpt])
+    assert "--ckpt_path: model.lr is 0.001 in the checkpoint but 0.01 now: resume with the checkpoint's" in err
+    err = one_line_error(capsys, [*fit_args(tiny_model_dir, "--trainer.plugins.init_args.bits", "3", steps=4),
+                                  "--ckpt_path", ckpt])
+    assert "trainer.plugins.bits is 4 in the checkpoint but 3 now" in err
+    # what is safe to change is applied: more steps, another logging interval
+    main([*fit_args(tiny_model_dir, "--trainer.log_every_n_steps", "2", steps=4), "--ckpt_path", ckpt])
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 4
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--data.max_length", "-5", "data.max_length=-5 must be ≥ 2"),
+    ("--data.max_length", "1", "data.max_length=1 must be ≥ 2"),
+    ("--data.batch_size", "0", "data.batch_size=0 must be ≥ 1"),
+    ("--model.lr", "-1", "model.lr=-1.0 must be > 0"),
+    ("--model.dropout", "1.5", "model.dropout=1.5 must be < 1"),
+    ("--model.base", "no/such/dir", "model.base='no/such/dir': no such file or directory"),
+])
+def test_bad_numbers_fail_before_the_model_loads(flag, value, message, tiny_model_dir, capsys, monkeypatch):
+    """Harm 2: max_length -5 trained on cut examples (and looped forever with packing)."""
+    import lowbit_ft.module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(lowbit_ft.module, "quantized_base", no_load)
+    assert message in one_line_error(capsys, fit_args(tiny_model_dir, flag, value))

@@ -186,10 +186,13 @@ def test_existing_output_not_overwritten(tmp_path):
     (tmp_path / "ckpt" / "mine.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="already exists"):
         save_gptq(_model_with_zeros_above_0(4), tmp_path / "ckpt")
+    with pytest.raises(FileExistsError, match="is not a directory lowbit-ft wrote"):  # not ours: never replaced
+        save_gptq(_model_with_zeros_above_0(4), tmp_path / "ckpt", overwrite=True)
     assert (tmp_path / "ckpt" / "mine.txt").read_text() == "keep"
-    save_gptq(_model_with_zeros_above_0(4), tmp_path / "ckpt", overwrite=True)
-    assert not (tmp_path / "ckpt" / "mine.txt").exists() and (tmp_path / "ckpt" / "config.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    save_gptq(_model_with_zeros_above_0(4), tmp_path / "ours")
+    save_gptq(_model_with_zeros_above_0(4), tmp_path / "ours", overwrite=True)  # an earlier output: replaced
+    assert (tmp_path / "ours" / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ours"]
 
 
 def test_sharded_checkpoint_with_a_layer_split_across_shards(tmp_path, tokens):

@@ -69,3 +69,33 @@ def test_unknown_task_is_one_line(tiny_model_dir, local_task, capsys):
         main(["harness", "--model", str(tiny_model_dir), "--tasks", "[no_such_task]", "--include_path", str(tasks),
               "--include_defaults", "false"])
     assert "--tasks ['no_such_task']: lm-eval knows no such task" in capsys.readouterr().err
+
+
+def test_a_task_whose_dataset_is_not_cached_offline_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Was a 58-line traceback: an lm-eval task on a Hub dataset, offline, without it in the cache."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hub_task.yaml").write_text("""task: hub_task
+dataset_path: lowbit-ft-tests/no-such-dataset-anywhere
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+""")
+    with pytest.raises(SystemExit):
+        main(["harness", "--model", str(tiny_model_dir), "--tasks", "[hub_task]", "--include_path", str(tasks),
+              "--include_defaults", "false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lowbit-ft: error: --tasks ['hub_task']: lm-eval could not load a task's dataset")
+    assert "run once online, or use a local task with --include_path" in err[-1]

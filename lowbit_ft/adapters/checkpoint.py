@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit_ft.adapters.model import adapted_layers, attach
-from lowbit_ft.fsutil import default_permissions, refuse_existing
+from lowbit_ft.fsutil import default_permissions, refuse_existing, remove_stale_partials
 
 FORMAT = "lowbit-ft-adapters/1"
 
@@ -32,6 +32,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, overwrite: bool = F
     path = Path(path)
     refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         save_file(tensors, tmp, metadata=metadata)
