@@ -104,6 +104,16 @@ def test_empty_or_broken_task_file_is_one_line_naming_it(content, message, tiny_
     assert err.startswith(f"lowbit-ft: error: --data='{path}': {message}") and len(err.splitlines()) == 1
 
 
+def test_a_damaged_checkpoint_is_named_by_the_option_given(tmp_path, capsys):
+    from lowbit_ft.cli import main
+
+    (tmp_path / "t.jsonl").write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}))
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(tmp_path / "bad.ckpt"), "--data", str(tmp_path / "t.jsonl")])
+    assert f"--model {tmp_path / 'bad.ckpt'}: not a readable checkpoint" in capsys.readouterr().err
+
+
 def test_eval_command_writes_json(tiny_model_dir, tmp_path, capsys):
     paths = []
     for name in ("a", "b"):

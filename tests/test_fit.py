@@ -246,6 +246,9 @@ def test_resume_refuses_changed_settings_naming_them(tiny_model_dir, tmp_path, c
     ("--model.lr", "-1", "model.lr=-1.0 must be > 0"),
     ("--model.dropout", "1.5", "model.dropout=1.5 must be < 1"),
     ("--model.base", "no/such/dir", "model.base='no/such/dir': no such file or directory"),
+    ("--trainer.plugins.init_args.bits", "5", "LowBitPrecision bits=5 is not supported: use one of (2, 3, 4, 8)"),
+    pytest.param("--trainer.accelerator", "gpu", "(trainer.accelerator: no such device here; use auto or cpu)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU here")),
 ])
 def test_bad_numbers_fail_before_the_model_loads(flag, value, message, tiny_model_dir, capsys, monkeypatch):
     """Harm 2: max_length -5 trained on cut examples (and looped forever with packing)."""
