@@ -11,10 +11,11 @@ from lowbit_ft.data import format_prompt
 
 
 @torch.no_grad()
-def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 64,
+def generate_answers(model: nn.Module, tokenizer, prompts: list[str | dict], max_new_tokens: int = 64,
                      template: Literal["alpaca", "chat", "none"] = "alpaca") -> list[str]:
-    """The model's greedy answer to each prompt, formatted with `template` as in training ('none': the
-    prompt as given). One prompt at a time, so no padding changes what a prompt's answer is."""
+    """The model's greedy answer to each prompt (an instruction, or a record {instruction, input}), formatted
+    with `template` as in training ('none': the instruction as given). One prompt at a time, so no padding
+    changes what a prompt's answer is."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be ≥ 1")
     was_training = model.training
@@ -23,7 +24,8 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_to
     answers = []
     try:
         for prompt in prompts:
-            text = prompt if template == "none" else format_prompt({"instruction": prompt}, template, tokenizer)
+            record = prompt if isinstance(prompt, dict) else {"instruction": prompt}
+            text = record["instruction"] if template == "none" else format_prompt(record, template, tokenizer)
             ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
