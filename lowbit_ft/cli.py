@@ -105,17 +105,23 @@ def quantize(
     return report
 
 
+def read_checkpoint(path: Path, option: str) -> dict:
+    """A training checkpoint's dict, loaded with weights_only=True (no pickles); one line naming `option` if it
+    is missing or unreadable."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} {path}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated / foreign files
+        raise ValueError(f"{option} {path}: not a readable checkpoint ({type(err).__name__})") from None
+
+
 def module_from_checkpoint(checkpoint: Path, base: str | None = None, option: str = "--checkpoint") -> LowBitModule:
     """Rebuild a trained LowBitModule from an adapter-only checkpoint: the base it recorded (from the base
     cache, or quantized again with the recorded spec; `base` points at a moved one), checked against the
     recorded fingerprint, plus the adapter weights. Loads with weights_only=True (no pickles)."""
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{option} {checkpoint}: file not found")
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated / foreign files
-        raise ValueError(f"{option} {checkpoint}: not a readable checkpoint ({type(err).__name__})") from None
+    ckpt = read_checkpoint(checkpoint, option)
     if "hyper_parameters" not in ckpt or not ({"lowbit_base", "lowbit_precision"} & set(ckpt)):
         raise ValueError(f"{option} {checkpoint}: not a lowbit-ft training checkpoint (no record of its "
                          "quantized base); export one written by lowbit-ft fit")
@@ -332,12 +338,7 @@ def check_resume_config(ckpt_path: Path, config, subcommand: str) -> None:
     the key and both values. (LightningCLI would silently put the checkpoint's model.* over the command line.)
     model.base is checked by the base's fingerprint instead (it may have moved), data.path only if the
     recorded file still exists (else it moved), GPTQ's calibration file not at all (the fingerprint covers it)."""
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: file not found")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated / foreign files
-        raise ValueError(f"--ckpt_path {ckpt_path}: not a readable checkpoint ({type(err).__name__})") from None
+    ckpt = read_checkpoint(ckpt_path, "--ckpt_path")
     model = config.model.as_dict()
     pairs = [(f"model.{k}", v, model.get(k)) for k, v in ckpt.get("hyper_parameters", {}).items()
              if not k.startswith("_") and k != "base"]
