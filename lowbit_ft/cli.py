@@ -14,7 +14,7 @@ from jsonargparse import CLI
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
-from lowbit_ft.adapters import save_adapters
+from lowbit_ft.adapters import get_adapter_class, save_adapters
 from lowbit_ft.base import DEFAULT_GROUP_SIZE, QuantSpec, cache_root, fingerprint, read_record
 from lowbit_ft.callbacks.merge_check import MergeMismatchError, check_merge
 from lowbit_ft.convert import dequantize_model, quant_layers
@@ -132,6 +132,9 @@ def module_from_checkpoint(checkpoint: Path, base: str | None = None, option: st
     else:  # written before bases were fingerprinted: the plugin's settings only, nothing to verify against
         spec, dtype, cache_key = legacy_spec(ckpt["lowbit_precision"])
     hparams = dict(ckpt["hyper_parameters"])
+    if "lowbit_adapter" not in ckpt:  # written before adapters recorded their hparams: their defaults then
+        legacy = get_adapter_class(hparams.get("adapter", "qa_lora")).legacy_hparams
+        hparams["adapter_args"] = {**legacy, **(hparams.get("adapter_args") or {})}
     source = hparams["base"] = str(base) if base is not None else hparams.get("base", BUILTIN_SMOLLM2)
     cached = cache_key is not None and (cache_root() / cache_key).is_dir()
     if not cached and source != BUILTIN_SMOLLM2 and not Path(source).exists():

@@ -284,6 +284,26 @@ class LowBitModule(L.LightningModule):
         keep = self.adapter_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["lowbit_base"] = self.base.record()  # what export / validate / resume must rebuild
+        checkpoint["lowbit_adapter"] = {"adapter": self.hparams.adapter, "hparams": self.adapter_hparams()}
+
+    def adapter_hparams(self) -> dict:
+        """The attached adapters' hyper-parameters, defaults resolved (e.g. QA-LoRA's pooling)."""
+        layers = adapters.adapted_layers(self.model)
+        return dict(next(iter(layers.values())).adapter.hparams) if layers else {}
+
+    def _check_adapter_record(self, checkpoint: dict) -> None:
+        """The adapters must be built as the checkpoint's were: a checkpoint written before an hparam
+        existed (no "lowbit_adapter" record) was trained with the adapter's `legacy_hparams`."""
+        record = checkpoint.get("lowbit_adapter")
+        recorded = record["hparams"] if record else adapters.get_adapter_class(self.hparams.adapter).legacy_hparams
+        live = self.adapter_hparams()
+        differ = sorted(k for k in recorded if live.get(k) != recorded[k])
+        if differ:
+            key = differ[0]
+            raise ValueError(
+                f"checkpoint's {self.hparams.adapter} adapters were trained with {key}={recorded[key]!r}, this model "
+                f"builds {key}={live.get(key)!r}: set model.adapter_args.{key}={recorded[key]!r} to continue from it"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected, found = self.adapter_state_keys(), set(checkpoint.get("state_dict", {}))
@@ -293,6 +313,7 @@ class LowBitModule(L.LightningModule):
                 f"checkpoint does not match this model's adapters (missing {missing[:2]}, unexpected "
                 f"{unexpected[:2]}): resume with the same model.* settings it was trained with"
             )
+        self._check_adapter_record(checkpoint)
         recorded = checkpoint.get("lowbit_base")
         if recorded and self.base is not None and recorded["fingerprint"] != self.base.fingerprint:
             raise ValueError(

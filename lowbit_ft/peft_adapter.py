@@ -74,6 +74,7 @@ def attach_peft_adapter(model: nn.Module, path: str | os.PathLike) -> str:
     hparams = {"r": r, "alpha": alpha}
     if name == "qa_lora":
         hparams["group_size"] = group = int(config.get("qalora_group_size", 16))  # 16: PEFT's default
+        hparams["pooling"] = "mean"  # PEFT pools by the group mean (times in / g, in the scaling below)
         base_groups = {layer.block_in for layer in quant_layers(model).values()}
         if any(group % g for g in base_groups):
             raise ValueError(f"--peft_adapter {path}: qalora_group_size {group} is not a multiple of the base's group "

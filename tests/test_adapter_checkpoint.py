@@ -1,5 +1,8 @@
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lowbit_ft import BlockLayout, quantize_model
@@ -93,3 +96,21 @@ def test_missing_tensor_refused(tmp_path):
     model = attach(quantized(), "qa_lora", r=4, targets=["q_proj", "k_proj"])
     with pytest.raises(ValueError, match=r"does not match the model's adapters \(missing \[\], unexpected"):
         load_adapters(model, path)
+
+
+@pytest.mark.parametrize("name", ["qa_lora", "qa_hira"])
+def test_a_file_from_before_pooling_loads_with_mean_pooling(name, tmp_path, tokens):
+    """Adapter files written before `pooling` existed were trained with the mean; they carry no pooling key."""
+    model = trained(name, r=4, pooling="mean")
+    path = save_adapters(model, tmp_path / "old.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    hparams = json.loads(metadata["hparams"])
+    del hparams["pooling"]
+    save_file(tensors, path, metadata={**metadata, "hparams": json.dumps(hparams)})
+    fresh = load_adapters(quantized(name), path)
+    assert next(iter(adapted_layers(fresh).values())).adapter.pooling == "mean"
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, fresh(tokens).logits)
+    with pytest.raises(ValueError, match="saved with hparams"):  # a sum-pooled model is not silently reused
+        load_adapters(attach(quantized(name), name, r=4), path)

@@ -148,6 +148,32 @@ def test_a_checkpoint_from_before_fingerprints_still_exports(trained, tmp_path, 
     assert "merged/top1_agreement=1" in capsys.readouterr().out
 
 
+def test_a_checkpoint_from_before_pooling_exports_with_mean_pooling(trained, tmp_path):
+    """Checkpoints written before adapters recorded their hparams ("lowbit_adapter") were trained with mean
+    pooling: B·A / g per group. The fit's sum-pooled adapter, rewritten that way (B × g), exports unchanged."""
+    path = trained / "out/quickstart/version_0/checkpoints/last.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt.pop("lowbit_adapter")["hparams"]["pooling"] == "sum"
+    ckpt["hyper_parameters"]["adapter_args"] = {  # the option did not exist: no recipe set it
+        k: v for k, v in (ckpt["hyper_parameters"]["adapter_args"] or {}).items() if k != "pooling"}
+    group = ckpt["lowbit_base"]["spec"]["group_size"]
+    for key in ckpt["state_dict"]:
+        if key.endswith("lora_B"):
+            ckpt["state_dict"][key] = ckpt["state_dict"][key] * group
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "new"), "--dtype", "float32"])
+    main(["export", "--checkpoint", str(tmp_path / "old.ckpt"), "--output", str(tmp_path / "old"),
+          "--dtype", "float32"])
+    tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        new = load_quantized(tmp_path / "new", dtype=torch.float32)(tokens).logits
+        old = load_quantized(tmp_path / "old", dtype=torch.float32)(tokens).logits
+    assert (old - new).abs().max() < 1e-4
+    module = module_from_checkpoint(path)  # sum-pooled adapters cannot continue from the old checkpoint
+    with pytest.raises(ValueError, match="trained with pooling='mean', this model builds pooling='sum'"):
+        module.on_load_checkpoint(torch.load(tmp_path / "old.ckpt", weights_only=True))
+
+
 def test_overwrite_never_deletes_a_run_or_foreign_files(trained, tmp_path, capsys):
     """Harm 1 of the reliability review: `--output RUN --overwrite true` deleted the checkpoint it exported."""
     run = tmp_path / "run"

@@ -1,10 +1,10 @@
 """The one abstraction every adapter shares (DESIGN.md §4).
 
 An adapter's weight delta is constant on tiles of `tile = (bo_a, bi_a)`: ΔW[o, i] = C[o // bo_a, i // bi_a].
-Its output is therefore: average the input over each run of bi_a columns (pool), apply a small
-trainable map M to the pooled vector, scale by alpha / r, and repeat each output bo_a times (expand).
-Then C = scaling · M / bi_a. A subclass only says what M is; pooling, dropout, scaling, the
-block-delta C, the dense ΔW and the merge into low-bit zeros are all here.
+Its output is therefore: pool the input over each run of bi_a columns, apply a small trainable map M
+to the pooled vector, scale by alpha / r, and repeat each output bo_a times (expand). With mean
+pooling C = scaling · M / bi_a; with sum pooling C = scaling · M. A subclass only says what M is;
+pooling, dropout, scaling, the block-delta C, the dense ΔW and the merge into low-bit zeros are all here.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from torch import nn
 
 from lowbit_ft.layout import BlockLayout
 from lowbit_ft.quant_linear import QuantLinear
+
+POOLINGS = ("sum", "mean")
 
 
 class Adapter(nn.Module):
@@ -34,7 +36,12 @@ class Adapter(nn.Module):
     #: True for adapters designed to fold into low-bit zeros (QA-LoRA, QA-HiRA): `attach` refuses
     #: a tile that does not align with the base's blocks instead of failing later at merge time.
     merges_into_low_bit: ClassVar[bool] = False
+    #: hparams that files written before they existed were trained with (e.g. QA-LoRA's pooling before
+    #: "sum" became its default): loading fills them in where a checkpoint or adapter file lacks them.
+    legacy_hparams: ClassVar[dict] = {}
     tile: tuple[int, int]
+    #: "mean" averages each run of bi_a inputs (C = scaling · M / bi_a); "sum" adds them (C = scaling · M).
+    pooling: str = "mean"
 
     def __init__(self, in_features: int, out_features: int, base_layout: BlockLayout,
                  r: int = 64, alpha: float = 16.0, dropout: float = 0.0) -> None:
@@ -58,6 +65,15 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     # --- shared by every adapter --------------------------------------------------------------
+    def _set_pooling(self, name: str, pooling: str) -> None:
+        """Pooled adapters (QA-LoRA, QA-HiRA) take `pooling`: "sum" trains at LoRA's LR, "mean" is the
+        authors' convention (about √bi_a slower under Adam at the same LR)."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"{name} pooling={pooling!r} is unknown: use 'sum' (trains at LoRA's learning rate) "
+                             "or 'mean' (the authors' convention: scale LoRA's learning rate by about √group)")
+        self.pooling = pooling
+        self.hparams["pooling"] = pooling
+
     def _check_tile(self, name: str) -> None:
         bo, bi = self.tile
         if self.in_features % bi or self.out_features % bo:
@@ -75,7 +91,8 @@ class Adapter(nn.Module):
         bo, bi = self.tile
         h = x.to(self.param_dtype)
         if bi > 1:
-            h = h.reshape(*h.shape[:-1], self.in_features // bi, bi).mean(-1)
+            runs = h.reshape(*h.shape[:-1], self.in_features // bi, bi)
+            h = runs.sum(-1) if self.pooling == "sum" else runs.mean(-1)
         y = self.block_map(self.dropout(h)) * self.scaling
         if bo > 1:
             y = y.repeat_interleave(bo, dim=-1)
@@ -83,7 +100,8 @@ class Adapter(nn.Module):
 
     def block_delta(self) -> torch.Tensor:
         """C (out / bo_a × in / bi_a) with ΔW[o, i] = C[o // bo_a, i // bi_a]; float64 for exact merges."""
-        return self.block_matrix().detach().double() * self.scaling / self.tile[1]
+        divisor = 1 if self.pooling == "sum" else self.tile[1]
+        return self.block_matrix().detach().double() * self.scaling / divisor
 
     def delta_weight(self) -> torch.Tensor:
         """The dense ΔW (out × in), float64."""
@@ -96,12 +114,16 @@ class Adapter(nn.Module):
 
 class LowRankAdapter(Adapter):
     """An adapter whose map is a product M = B·A (rows × rank)·(rank × cols): LoRA, QA-LoRA, Q-BaRA.
-    A is Kaiming-initialised and B starts at zero, so step 0 is exactly the base model."""
+    A is Kaiming-initialised (entries within ±1/√fan_in) and B starts at zero, so step 0 is exactly the
+    base model. `fan_in` defaults to A's columns; QA-LoRA's sum pooling passes the layer's input width."""
 
-    def _low_rank(self, rows: int, cols: int, rank: int) -> None:
+    def _low_rank(self, rows: int, cols: int, rank: int, fan_in: int | None = None) -> None:
         self.lora_A = nn.Parameter(torch.empty(rank, cols))
         self.lora_B = nn.Parameter(torch.zeros(rows, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if fan_in is not None and fan_in != cols:
+            with torch.no_grad():
+                self.lora_A.mul_(math.sqrt(cols / fan_in))
 
     def block_map(self, pooled: torch.Tensor) -> torch.Tensor:
         return pooled @ self.lora_A.t() @ self.lora_B.t()

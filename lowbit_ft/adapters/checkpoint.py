@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lowbit_ft.adapters.model import adapted_layers, attach
+from lowbit_ft.adapters.registry import REGISTRY
 from lowbit_ft.fsutil import default_permissions, refuse_existing, remove_stale_partials
 
 FORMAT = "lowbit-ft-adapters/1"
@@ -53,7 +54,9 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict:
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path}: metadata format is {metadata.get('format')!r}, expected {FORMAT!r}; "
                          "not a lowbit-ft adapter file")
-    return {"adapter": metadata["adapter"], "hparams": json.loads(metadata["hparams"]),
+    cls = REGISTRY.get(metadata["adapter"])
+    legacy = cls.legacy_hparams if cls is not None else {}  # hparams files from before they existed were trained with
+    return {"adapter": metadata["adapter"], "hparams": {**legacy, **json.loads(metadata["hparams"])},
             "targets": json.loads(metadata["targets"])}
 
 

@@ -1,13 +1,18 @@
 """QA-HiRA (higher-rank adaptation): one full matrix H on block-averaged input, no low-rank factor.
 
-H (out/bo × in/bi), ΔW[o, i] = (alpha / r) · H[o // bo, i // bi] / bi: full rank over the block grid,
-exactly mergeable into a base quantized with the same blocks. The released code uses (8, 4) blocks,
+H (out/bo × in/bi), ΔW[o, i] = (alpha / r) · H[o // bo, i // bi] (÷ bi under mean pooling): full rank
+over the block grid, exactly mergeable into a base quantized with the same blocks. `pooling` "sum"
+(default) adds each run of bi inputs and trains at LoRA's learning rate; "mean" averages them (the
+released code), which at the same LR moves ΔW bi times slower — for (1, 64) blocks far too slow
+(docs/results.md). Checkpoints from before the option load with "mean". The released code uses (8, 4) blocks,
 so quantize the base with BlockLayout(bits, block_out=8, block_in=4); `block_out`/`block_in` default
 to the base's blocks and must be multiples of them. H starts at zero (the released code initialises
 it non-zero), so step 0 is exactly the base model. There is no rank: r only sets the scale alpha / r.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -17,13 +22,15 @@ from lowbit_ft.adapters.base import Adapter
 
 class QAHiRA(Adapter):
     merges_into_low_bit = True
+    legacy_hparams: ClassVar[dict] = {"pooling": "mean"}
 
     def __init__(self, in_features, out_features, base_layout, r=64, alpha=16.0, dropout=0.0,
-                 block_out: int | None = None, block_in: int | None = None):
+                 block_out: int | None = None, block_in: int | None = None, pooling: str = "sum"):
         super().__init__(in_features, out_features, base_layout, r, alpha, dropout)
         self.tile = (block_out or base_layout.block_out, block_in or base_layout.block_in)
         self._check_tile("qa_hira")
         self.hparams.update(block_out=block_out, block_in=block_in)
+        self._set_pooling("qa_hira", pooling)
         self.hira_H = nn.Parameter(torch.zeros(out_features // self.tile[0], in_features // self.tile[1]))
 
     def block_map(self, pooled):
