@@ -126,7 +126,9 @@ class Reproduction:
         """Fine-tune `adapter` on `base`: the trained model and its per-step training loss."""
         a = self.args
         L.seed_everything(a.seed, verbose=False)
-        module = GivenBase(base=a.model, adapter=adapter, r=a.r, alpha=a.alpha, lr=a.lr, warmup_steps=a.warmup)
+        pooled = adapter in ("qa_lora", "qa_hira")
+        module = GivenBase(base=a.model, adapter=adapter, r=a.r, alpha=a.alpha, lr=a.lr, warmup_steps=a.warmup,
+                           adapter_args={"pooling": a.pooling} if pooled else None)
         module.given = [base]
         data = InstructionDataModule(a.train_data, tokenizer=a.model, max_length=a.max_length,
                                      batch_size=a.batch_size, val_fraction=0.0, seed=a.seed,
@@ -334,6 +336,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=256, help="tokens per example")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant after warm-up)")
     parser.add_argument("--warmup", type=int, default=3, help="linear warm-up steps")
+    parser.add_argument("--pooling", choices=("sum", "mean"), default="sum",
+                        help="QA-LoRA / QA-HiRA pooling: sum trains at LoRA's LR, mean is the authors' convention")
     parser.add_argument("--r", type=int, default=16, help="adapter rank")
     parser.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator (scale alpha / r)")
     parser.add_argument("--seed", type=int, default=42, help="seed of data order, adapter init and dropout")

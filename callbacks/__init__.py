@@ -1,9 +1,12 @@
 """Lightning callbacks: `MergeCheck` (the merged model reproduces the adapters), `QuantizedExport`, and
-`DemoReport` (the merged model reloaded from disk, answering before / after).
+`DemoReport` (the merged model reloaded from disk, answering before / after), and what fit shows while it runs
+(`ParameterLine`, `StepProgressBar`).
 Installed as `lowbit_ft.callbacks`."""
 
 from lowbit_ft.callbacks.demo import DemoReport
 from lowbit_ft.callbacks.export import QuantizedExport
 from lowbit_ft.callbacks.merge_check import MergeCheck, MergeMismatchError, check_merge
+from lowbit_ft.callbacks.progress import ParameterLine, StepProgressBar
 
-__all__ = ["DemoReport", "MergeCheck", "MergeMismatchError", "QuantizedExport", "check_merge"]
+__all__ = ["DemoReport", "MergeCheck", "MergeMismatchError", "ParameterLine", "QuantizedExport", "StepProgressBar",
+           "check_merge"]

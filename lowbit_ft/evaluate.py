@@ -106,7 +106,7 @@ def perplexity(model: nn.Module, tokenizer, records: list[dict], max_length: int
     sums = {"response": 0.0, "text": 0.0}
     counts = {"response": 0, "text": 0}
     used = 0
-    for record in records:
+    for record in tqdm(records, desc="perplexity", leave=False):
         example = tokenize(record, tokenizer, template, max_length)
         if not has_response(example):  # the prompt fills max_length (checked on the host, no device sync)
             continue

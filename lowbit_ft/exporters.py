@@ -30,7 +30,6 @@ from lowbit_ft.convert import quant_layers, set_submodule
 from lowbit_ft.fsutil import atomic_directory, refuse_existing
 from lowbit_ft.gguf_format import check_gguf, save_gguf
 from lowbit_ft.gptq_format import save_gptq
-from lowbit_ft.lowbit_format import save_lowbit
 from lowbit_ft.mlx_format import check_mlx, save_mlx
 from lowbit_ft.quant_linear import restored_zeros
 
@@ -105,6 +104,8 @@ def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "lowbit",
         return _export_dense(model, out_dir, tokenizer, dtype, overwrite, card)
     with _merged(model):
         if format == "lowbit":
+            from lowbit_ft.lowbit_format import save_lowbit  # imports transformers' quantizers: only when used
+
             return save_lowbit(model, out_dir, tokenizer, dtype, overwrite, model_card=card)
         if format == "gptq":
             return _export_gptq(model, out_dir, tokenizer, dtype, round_zeros, overwrite)

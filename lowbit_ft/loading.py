@@ -20,7 +20,6 @@ from lowbit_ft.convert import set_submodule
 from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.gguf_format import load_gguf
 from lowbit_ft.gptq_format import GPTQ_KEYS, from_gptq, read_gptq_config
-from lowbit_ft.lowbit_format import QUANT_METHOD, install_quant_layers
 from lowbit_ft.mlx_format import load_mlx
 from lowbit_ft.quant_linear import QuantLinear
 
@@ -96,6 +95,8 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", b
     if dtype == "auto":
         stored = raw_config.get("dtype") or raw_config.get("torch_dtype") or "float16"
         dtype = parse_dtype(stored, f"{path / 'config.json'}: dtype")
+    from lowbit_ft.lowbit_format import QUANT_METHOD, install_quant_layers  # imports transformers' quantizers
+
     raw_qc = raw_config.get("quantization_config") or {}
     lowbit = raw_qc.get("quant_method") == QUANT_METHOD
     qc = None if lowbit else read_gptq_config(path)

@@ -18,7 +18,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+
+from lowbit_ft.quiet import TORCHAO_IMPORT_NOISE, quiet_loggers
+
+with quiet_loggers(*TORCHAO_IMPORT_NOISE):
+    from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowbit_ft.convert import quant_layers, set_submodule
@@ -129,3 +133,6 @@ def register_with_transformers() -> None:
         register_quantization_config(QUANT_METHOD)(LowBitConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(LowBitHfQuantizer)
+
+
+register_with_transformers()  # `from_pretrained(dir)` understands quant_method "lowbit" once this module loads

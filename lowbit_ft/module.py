@@ -323,6 +323,17 @@ class LowBitModule(L.LightningModule):
             )
 
 
+def read_checkpoint(path: Path, option: str) -> dict:
+    """A training checkpoint's dict, loaded with weights_only=True (no pickles); one line naming `option` if it
+    is missing or unreadable."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} {path}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated / foreign files
+        raise ValueError(f"{option} {path}: not a readable checkpoint ({type(err).__name__})") from None
+
+
 def build_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, **kwargs)

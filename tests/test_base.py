@@ -16,7 +16,8 @@ import lowbit_ft.gptq
 from lowbit_ft import BlockLayout, load_quantized, quantize_model
 from lowbit_ft.adapters import attach, merge_dense
 from lowbit_ft.base import RECORD_FILE, QuantSpec, cache_root, calibration_batches, fingerprint, quantized_base
-from lowbit_ft.cli import main, module_from_checkpoint
+from lowbit_ft.cli import main
+from lowbit_ft.commands import module_from_checkpoint
 from lowbit_ft.convert import quant_layers
 from lowbit_ft.lowbit_format import save_lowbit
 
@@ -44,7 +45,7 @@ def test_spec_round_trips_through_a_dict_and_refuses_what_it_cannot_be():
 def test_one_default_group_size():
     import inspect
 
-    from lowbit_ft.cli import quantize
+    from lowbit_ft.commands import quantize
     from lowbit_ft.precision import LowBitPrecision
 
     defaults = {inspect.signature(f).parameters["group_size"].default for f in (quantize, LowBitPrecision.__init__)}

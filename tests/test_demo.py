@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lowbit_ft.callbacks.demo import DEMO_PROMPTS
-from lowbit_ft.cli import main, module_from_checkpoint
+from lowbit_ft.cli import main
+from lowbit_ft.commands import module_from_checkpoint
 from lowbit_ft.generate import generate_answers
 
 DEMO = Path(__file__).parent.parent / "recipes" / "demo.yaml"

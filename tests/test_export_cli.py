@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lowbit_ft import BlockLayout, load_quantized, quantize_model
-from lowbit_ft.cli import main, module_from_checkpoint
+from lowbit_ft.cli import main
+from lowbit_ft.commands import module_from_checkpoint
 from lowbit_ft.convert import quant_layers
 from lowbit_ft.exporters import export
 
