@@ -142,7 +142,13 @@ def _export_gptq(model, out_dir, tokenizer, dtype, round_zeros, overwrite) -> Pa
         log.warning("--round_zeros: every weight moves by up to %.3f of its block's step s", error)
         print(f"round_zeros: max weight change {error:.4f}·s (zeros rounded to integers; GPTQ holds no others)")
         with restored_zeros(layers):
-            for layer in layers:
+            for name, layer in quant_layers(model).items():
                 layer.zeros.round_()
+                low, high = int(layer.zeros.min()), int(layer.zeros.max())
+                if low < 0 or high > (1 << layer.bits) - 1:  # GPTQ stores zeros as b-bit codes
+                    raise ValueError(
+                        f"--round_zeros: {name}'s merged zeros round to {low}..{high}, outside the {layer.bits}-bit "
+                        f"range 0..{(1 << layer.bits) - 1} GPTQ can store (the adapter moved those blocks by more "
+                        "than their range); use --format lowbit, gguf or mlx (exact)")
             return save_gptq(model, out_dir, "gptq_v2", tokenizer, dtype, overwrite)
     return save_gptq(model, out_dir, "gptq_v2", tokenizer, dtype, overwrite)

@@ -11,6 +11,7 @@ column (GPTQ's "groups", generalised to (block_out, block_in) blocks).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -96,8 +97,6 @@ def gptq_quantize_model(model: nn.Module, layout: BlockLayout, calibration: torc
     ones. `names`: the linears to quantize (default: every target linear; see `convert.quantizable`).
     `device`: where each decoder block is calibrated and quantized, one block at a time (default: CUDA when
     there is one, so a model loaded on the CPU is quantized on the GPU without ever being there whole)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    blocks = model.model.layers
     batches = [calibration] if torch.is_tensor(calibration) else list(calibration)
     if not batches or any(b.dim() != 2 or b.numel() == 0 for b in batches):
         raise ValueError("GPTQ calibration: give (batch × seq) token-id tensors, at least one non-empty")
@@ -105,9 +104,29 @@ def gptq_quantize_model(model: nn.Module, layout: BlockLayout, calibration: torc
     for name in names:  # every shape first: a misfit must not leave the model half quantized
         linear = model.get_submodule(name)
         layout.check(linear.out_features, linear.in_features, name=name)
-    # (hidden, kwargs) per batch, on `device`
-    inputs = [_to(_block_inputs(model, blocks[0], ids), device) for ids in batches]
-    for index, decoder in enumerate(tqdm(blocks, desc=f"GPTQ {layout}", disable=not progress, leave=False)):
+    for hessians in calibrated_blocks(model, names, batches, device=device, desc=f"GPTQ {layout}", progress=progress):
+        for name, hessian in hessians.items():
+            linear = model.get_submodule(name)
+            quantized = gptq_quantize(linear.weight, hessian, layout, symmetric=symmetric, scale_dtype=scale_dtype,
+                                      damp=damp)
+            set_submodule(model, name, QuantLinear.from_quantized(quantized, layout, linear.bias,
+                                                                  zero_dtype=zero_dtype))
+    return model
+
+
+@torch.no_grad()
+def calibrated_blocks(model: nn.Module, names: list[str], batches: list[torch.Tensor], *,
+                      device: torch.device | str | None = None, desc: str = "calibrating",
+                      progress: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Walk a HF LLaMA-family model's decoder blocks in order, feeding each the previous block's outputs on
+    `batches` (token-id tensors), and yield per block {linear name: H = 2·XᵀX / n of its inputs} for the
+    linears of `names` in it. The consumer may change the block before asking for the next (GPTQ quantizes
+    it): the next block's inputs are this block's outputs as the consumer left it. Each block runs on
+    `device` (default: CUDA when there is one), one at a time."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    blocks = model.model.layers
+    inputs = [_to(_block_inputs(model, blocks[0], ids), device) for ids in batches]  # (hidden, kwargs) per batch
+    for index, decoder in enumerate(tqdm(blocks, desc=desc, disable=not progress, leave=False)):
         home = next(decoder.parameters()).device
         decoder.to(device)
         prefix = f"model.layers.{index}."
@@ -121,16 +140,11 @@ def gptq_quantize_model(model: nn.Module, layout: BlockLayout, calibration: torc
         finally:
             for h in handles:
                 h.remove()
-        for name, linear in linears.items():
-            quantized = gptq_quantize(linear.weight, hessians[name].h, layout, symmetric=symmetric,
-                                      scale_dtype=scale_dtype, damp=damp)
-            set_submodule(model, name, QuantLinear.from_quantized(quantized, layout, linear.bias,
-                                                                  zero_dtype=zero_dtype))
+        yield {name: hessian.h for name, hessian in hessians.items()}
         inputs = [(_hidden(decoder(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
         decoder.to(home)
     if not all(math.isfinite(float(hidden.float().abs().max())) for hidden, _ in inputs):
-        raise ValueError("GPTQ produced non-finite activations; raise damp or check the calibration data")
-    return model
+        raise ValueError(f"{desc}: non-finite activations; raise damp or check the calibration data")
 
 
 def _to(value, device: torch.device):

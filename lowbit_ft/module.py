@@ -22,7 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from lowbit_ft import adapters
-from lowbit_ft.base import QuantizedBase, QuantSpec, fingerprint, quantized_base, short
+from lowbit_ft.base import QuantizedBase, QuantSpec, fingerprint, quantized_base, quantized_source, short
 from lowbit_ft.checks import check_number
 from lowbit_ft.convert import quant_layers
 from lowbit_ft.data import BUILTIN_DEMO, IGNORE_INDEX, next_token_labels
@@ -51,6 +51,10 @@ class LowBitModule(L.LightningModule):
         scheduler: constant (the QA-LoRA paper) or cosine (decays to 0 at trainer.max_steps).
         warmup_steps: linear warm-up steps before the schedule.
         gradient_checkpointing: recompute activations in backward to save memory.
+        init: how the adapters start. zero: ΔW = 0, step 0 is the quantized base. quant_error: the block-constant
+            ΔW that best undoes the base's rounding error on the training data's inputs (least squares under
+            each layer's input Gram matrix; rank-r for low-rank adapters). Needs the float model as model.base
+            quantized by the plugin with method rtn (on GPTQ bases it was measured to hurt).
     """
 
     def __init__(self, base: str = "smollm2", adapter: str = "qa_lora", r: int = 64, alpha: float = 16.0,
@@ -58,7 +62,7 @@ class LowBitModule(L.LightningModule):
                  optimizer: Literal["adamw", "paged_adamw", "adamw_8bit"] = "adamw", lr: float = 2e-4,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  scheduler: Literal["constant", "cosine"] = "constant", warmup_steps: int = 0,
-                 gradient_checkpointing: bool = False) -> None:
+                 gradient_checkpointing: bool = False, init: Literal["zero", "quant_error"] = "zero") -> None:
         super().__init__()
         try:
             adapters.get_adapter_class(adapter)
@@ -76,6 +80,8 @@ class LowBitModule(L.LightningModule):
         for i, beta in enumerate(betas):
             check_number(f"model.betas[{i}]", beta, minimum=0, below=1)
         check_number("model.warmup_steps", warmup_steps, minimum=0, integer=True)
+        if init not in ("zero", "quant_error"):
+            raise ValueError(f"model.init={init!r} is unknown: use 'zero' or 'quant_error'")
         self.save_hyperparameters()
         self.model: nn.Module | None = None
         self.base: QuantizedBase | None = None  # the quantized base and its identity (set by build_model)
@@ -133,6 +139,8 @@ class LowBitModule(L.LightningModule):
             return
         plugin, trainer = self.lowbit_precision, self._trainer
         spec = plugin.spec if plugin is not None else None
+        if self.hparams.init == "quant_error":
+            self._check_quant_error_start(spec)
         if spec is not None and spec.method == "gptq" and spec.calibration_data is None:
             spec = dataclasses.replace(spec, calibration_data=self._training_data())
         build = lambda: self.build_model(spec, plugin.dtype if plugin else torch.float32,  # noqa: E731
@@ -149,6 +157,45 @@ class LowBitModule(L.LightningModule):
         if isinstance(trainer.strategy if trainer else None, DDPStrategy):
             # the packed base never changes: broadcasting its buffers every step would be pure waste
             trainer.strategy._ddp_kwargs.setdefault("broadcast_buffers", False)
+
+    def _check_quant_error_start(self, spec: QuantSpec | None) -> None:
+        """Before anything loads: quant_error needs the float weights, and an RTN base."""
+        if spec is None or quantized_source(str(self.hparams.base)):
+            raise ValueError(f"model.init=quant_error needs the float weights, but model.base={self.hparams.base!r} "
+                             "arrives quantized: point model.base at the float model and let LowBitPrecision "
+                             "quantize it (method: rtn), or use model.init=zero")
+        if spec.method != "rtn":
+            raise ValueError(f"model.init=quant_error is for RTN bases, and the plugin says method={spec.method!r}: "
+                             "on GPTQ bases the refit raised perplexity (GPTQ's codes already compensate errors "
+                             "across columns; docs/results.md). Use method: rtn, or model.init=zero")
+
+    def on_fit_start(self) -> None:
+        if self.hparams.init == "quant_error" and self._trainer.ckpt_path is None:  # a resume has its weights
+            self.start_from_quant_error()
+
+    def start_from_quant_error(self) -> dict[str, float]:
+        """Set the adapters to the quant_error start: the float model (model.base, loaded again) runs block by block
+        on the calibration records (the plugin's calibration_data, else the training data; one sequence per
+        record), and each adapter takes the block delta that best cancels its layer's rounding error there."""
+        from lowbit_ft.adapters.quant_error import init_from_quant_error
+        from lowbit_ft.base import calibration_batches
+        from lowbit_ft.loading import load_model
+
+        spec = dataclasses.replace(self._spec, calibration_data=self._spec.calibration_data or self._training_data(),
+                                   calibration_mode="per_record")
+        float_model, tokenizer = load_model(str(self.hparams.base))
+        batches = calibration_batches(tokenizer or self.base.tokenizer, spec)
+        removed = init_from_quant_error(self.model, float_model.eval(), batches, damp=spec.damp)
+        del float_model
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for param in self.model.parameters():  # every rank starts from rank 0's adapters exactly
+                if param.requires_grad:
+                    torch.distributed.broadcast(param.data, src=0)
+        share = sum(removed.values()) / max(len(removed), 1)
+        if self._trainer is None or self._trainer.is_global_zero:  # (no progress bar yet for self.print to use)
+            print(f"init quant_error      the adapters cancel {share:.0%} of the rounding error on "
+                  f"{len(batches)} calibration records (mean over {len(removed)} layers)", flush=True)
+        return removed
 
     def _training_data(self) -> str:
         """The training data file, for GPTQ calibration when the plugin names none (absolute: it is recorded)."""

@@ -82,17 +82,30 @@ def make_adapted_llama(name: str = "qa_lora", layout=None, tie: bool = False, sc
     attached and random non-zero adapter weights, so merges have something to merge. vocab=49152 fits
     SmolLM2's tokenizer (the `smol_tokenizer` fixture), which the GGUF export writes into the file."""
     from lowbit_ft import BlockLayout, quantize_model
-    from lowbit_ft.adapters import adapted_layers, attach
+    from lowbit_ft.adapters import attach
 
     model = make_tiny_llama(tie=tie, vocab=vocab)
     layout = layout or (BlockLayout(4, 8, 4) if name == "qa_hira" else BlockLayout.group(4, 32))
     quantize_model(model, layout, progress=False)
     attach(model, name, **{"r": 4, **hparams})
-    g = torch.Generator().manual_seed(0)
-    for layer in adapted_layers(model).values():
-        for p in layer.adapter.parameters():
-            p.data.copy_(torch.randn(p.shape, generator=g) * scale)
+    randomize_adapters(model, seed=0, scale=scale)
     return model
+
+
+def randomize_adapters(model, seed: int = 0, scale: float = 0.1) -> None:
+    """Seeded random non-zero adapter weights, so merges have something to merge. Under sum pooling the last
+    factor (B, H) is divided by the pooled run length bi: ΔW is then the size it has under mean pooling
+    (what these fixtures were sized for: e.g. merged zeros that stay within the code range)."""
+    import torch
+
+    from lowbit_ft.adapters import adapted_layers
+
+    g = torch.Generator().manual_seed(seed)
+    for layer in adapted_layers(model).values():
+        adapter = layer.adapter
+        for name, p in adapter.named_parameters():
+            shrink = adapter.tile[1] if adapter.pooling == "sum" and name in ("lora_B", "hira_H") else 1
+            p.data.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale / shrink)
 
 
 # quantized bases built by fits go to a per-session cache, never to the user's ~/.cache (subprocesses inherit it)

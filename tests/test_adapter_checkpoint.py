@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from lowbit_ft import BlockLayout, quantize_model
 from lowbit_ft.adapters import REGISTRY, adapted_layers, attach, load_adapters, save_adapters
 
-from .conftest import make_tiny_llama
+from .conftest import make_tiny_llama, randomize_adapters
 
 
 def quantized(name="qa_lora"):
@@ -19,10 +19,7 @@ def quantized(name="qa_lora"):
 
 def trained(name, **hparams):
     model = attach(quantized(name), name, **hparams)
-    g = torch.Generator().manual_seed(0)
-    for layer in adapted_layers(model).values():
-        for p in layer.adapter.parameters():
-            p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    randomize_adapters(model, seed=0, scale=0.05)
     return model
 
 

@@ -11,7 +11,7 @@ from lowbit_ft.adapters import REGISTRY, adapted_layers, attach, merge, merge_de
 from lowbit_ft.adapters.base import aligned
 from lowbit_ft.convert import quant_layers
 
-from .conftest import make_tiny_llama
+from .conftest import make_tiny_llama, randomize_adapters
 
 LAYOUTS = [(1, 32), (1, 64), (8, 4)]
 
@@ -37,10 +37,7 @@ def default_tile(name, block):
 
 def randomize(model, seed=0):
     """Non-zero adapter weights, so merges and gradients are tested on something real."""
-    g = torch.Generator().manual_seed(seed)
-    for layer in adapted_layers(model).values():
-        for p in layer.adapter.parameters():
-            p.data.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    randomize_adapters(model, seed, scale=0.1)
 
 
 LOW_BIT = sorted(n for n, c in REGISTRY.items() if c.merges_into_low_bit)

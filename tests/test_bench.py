@@ -1,7 +1,6 @@
-"""The benchmark scripts still run (tiny shapes; on CPU through the Triton interpreter). Their figures
-are measured on a GPU and recorded in bench/RESULTS.md, never asserted here."""
+"""The benchmark scripts and the reproduction experiment still run (tiny shapes; on CPU through the Triton
+interpreter). Their figures are measured elsewhere (bench/RESULTS.md, docs/results.md), never asserted here."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).parent.parent / "bench"
+EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 
 
 @pytest.mark.parametrize("script", ["qmatmul.py", "train_step.py", "decode.py"])
@@ -20,33 +20,44 @@ def test_bench_smoke(script):
 
 
 def test_reproduce_smoke(tmp_path):
-    """bench/reproduce.py end to end on a tiny random LLaMA: every method at every bits, merged QA-LoRA and
-    QA-HiRA picking the same answer as adapter-on on every item, the table and the plot written."""
-    done = subprocess.run([sys.executable, str(BENCH / "reproduce.py"), "--smoke", "--output", str(tmp_path)],
+    """experiments/reproduce.py end to end on a tiny random LLaMA: every row at INT3 for two seeds and both
+    starts, merged QA-LoRA and QA-HiRA picking the same answer as adapter-on on every item, the table (with
+    the seed spread) and the plot written, and --report-only rebuilding the same report from the typed rows."""
+    reproduce = load_reproduce()
+    RowKey = reproduce.RowKey
+    done = subprocess.run([sys.executable, str(EXPERIMENTS / "reproduce.py"), "--smoke", "--bits", "3", "--seeds", "42",
+                           "43", "--inits", "zero", "quant_error", "--output", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
-    methods = {(r["method"], r["bits"]) for r in rows}
-    per_bits = ["GPTQ base", "LoRA + RTN", "LoRA + GPTQ", "QA-LoRA, adapter-on", "QA-LoRA, merged",
-                "QA-HiRA, adapter-on", "QA-HiRA, merged", "Q-BaRA, merged fp16"]
-    assert methods == {("16-bit base", 16), ("LoRA, merged fp16", 16)} | {(m, b) for m in per_bits for b in (4, 3, 2)}
-    by_key = {(r["method"], r["bits"]): r for r in rows}
-    for name in ("QA-LoRA", "QA-HiRA"):
-        for bits in (4, 3, 2):
-            on, merged = by_key[(f"{name}, adapter-on", bits)], by_key[(f"{name}, merged", bits)]
-            for task, scores in on["tasks"].items():
-                assert scores["predictions"] == merged["tasks"][task]["predictions"]
-            assert merged["perplexity"] == pytest.approx(on["perplexity"], rel=1e-4)
+    rows = reproduce.read_rows(tmp_path / "run" / "rows.jsonl")
+    keys = [r["key"] for r in rows]
+    expected = {RowKey("base", "16-bit", 16), RowKey("base", "GPTQ base", 3, "gptq")}
+    for seed in (42, 43):
+        expected |= {RowKey("lora", stage, bits, "gptq", seed=seed)
+                     for stage, bits in (("merged fp16", 16), ("+ RTN", 3), ("+ GPTQ", 3))}
+        expected |= {RowKey("q_bara", "merged fp16", 3, "gptq", seed=seed)}
+        expected |= {RowKey(adapter, stage, 3, "rtn" if init == "quant_error" else "gptq", init, seed)
+                     for adapter in ("qa_lora", "qa_hira") for stage in ("adapter-on", "merged")
+                     for init in ("zero", "quant_error")}
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    by_key = {r["key"]: r for r in rows}
+    for key in (k for k in keys if k.stage == "adapter-on"):
+        on, merged = by_key[key], by_key[key.paired("merged")]
+        for task, scores in on["tasks"].items():
+            assert scores["predictions"] == merged["tasks"][task]["predictions"]
+        assert merged["perplexity"] == pytest.approx(on["perplexity"], rel=1e-4)
     report = (tmp_path / "run" / "results.md").read_text()
     table, _, rest = report.partition("\n\n")
     assert table.startswith("| method | bits |") and table.count("\n| ") == len(rows) + 1  # rows + chance
+    assert "| QA-LoRA, merged (RTN base, quant_error start, seed 43) | 3 |" in table
     merge_table = rest.split("| merged vs adapter-on |")[1].split("\n\n")[0].splitlines()[2:]
-    assert len(merge_table) == 6 and all(line.count("2/2") == 3 for line in merge_table)  # every item, every task
-    assert "| vs LoRA + GPTQ |" in rest and "| LoRA | 4 |" in rest and "| Q-BaRA | 2 |" in rest
+    assert len(merge_table) == 8 and all(line.count("2/2") == 3 for line in merge_table)  # every item, every task
+    assert "| vs LoRA + GPTQ (same bits, seed) |" in rest and "| over seeds | bits | seeds |" in rest
+    assert "| QA-HiRA, merged (RTN base, quant_error start) | 3 | 2 |" in rest  # 2 seeds: mean and spread
     assert (tmp_path / "run" / "accuracy_vs_bits.png").stat().st_size > 10_000
     (tmp_path / "run" / "results.md").unlink()  # --report-only rebuilds the same report from the rows alone
-    again = subprocess.run([sys.executable, str(BENCH / "reproduce.py"), "--smoke", "--report-only", "--output",
-                            str(tmp_path)], capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, str(EXPERIMENTS / "reproduce.py"), "--smoke", "--bits", "3",
+                            "--report-only", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (tmp_path / "run" / "results.md").read_text() == report
 
@@ -54,8 +65,9 @@ def test_reproduce_smoke(tmp_path):
 def load_reproduce():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("reproduce", BENCH / "reproduce.py")
+    spec = importlib.util.spec_from_file_location("reproduce", EXPERIMENTS / "reproduce.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -67,11 +79,13 @@ def test_sign_test_is_the_exact_binomial_tail():
 
 
 def test_paired_table_counts_the_items_only_one_side_gets_right():
-    paired_lines = load_reproduce().paired_lines
+    reproduce = load_reproduce()
+    RowKey = reproduce.RowKey
     gold = {"t": [0, 1, 1, 0, 1]}
-    row = lambda method, picks: {"method": method, "bits": 3, "tasks": {"t": {"predictions": picks}}}  # noqa: E731
-    rows = [row("LoRA + GPTQ", [0, 0, 0, 1, 1]), row("QA-LoRA, adapter-on", [0, 1, 1, 0, 1]),
-            row("QA-LoRA, merged", [0, 1, 1, 0, 0])]
-    lines = paired_lines(rows, gold)
+    row = lambda key, picks: {"key": key, "tasks": {"t": {"predictions": picks}}}  # noqa: E731
+    rows = [row(RowKey("lora", "+ GPTQ", 3, "gptq", seed=42), [0, 0, 0, 1, 1]),
+            row(RowKey("qa_lora", "adapter-on", 3, "gptq", seed=42), [0, 1, 1, 0, 1]),
+            row(RowKey("qa_lora", "merged", 3, "gptq", seed=42), [0, 1, 1, 0, 0])]
+    lines = reproduce.paired_lines(rows, gold)
     # merged vs baseline: items 1, 2, 3 only merged right; item 4 only baseline right; adapter-on rows skipped
     assert lines[2:] == [f"| QA-LoRA, merged | 3 | 3 | 1 | {2 * 5 / 16:.2f} |", ""]

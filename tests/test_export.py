@@ -19,7 +19,7 @@ from lowbit_ft.exporters import export
 from lowbit_ft.gguf_format import GGUF_FILE, llama_cpp_rows
 from lowbit_ft.mlx_format import load_mlx
 
-from .conftest import make_adapted_llama, make_tiny_llama
+from .conftest import make_adapted_llama, make_tiny_llama, randomize_adapters
 
 LOW_BIT = sorted(n for n, c in REGISTRY.items() if c.merges_into_low_bit)
 
@@ -95,6 +95,17 @@ def test_gptq_of_a_merged_model_needs_round_zeros(tmp_path, capsys, tokens):
     reloaded = quant_layers(load_quantized(path, dtype=torch.float32))
     assert all(torch.equal(m.zeros, m.zeros.round()) for m in reloaded.values())
     assert adapted_layers(model)  # the caller's model is untouched
+
+
+def test_round_zeros_outside_the_code_range_is_one_clear_error(tmp_path):
+    """An adapter that moved a block's offset further than its b-bit range: GPTQ cannot store that zero.
+    (Before: 'codes must lie in [0, 15] for 4-bit packing' from the packing code.)"""
+    model = make_adapted_llama("qa_lora", scale=3.0)
+    zeros = {n: m.zeros.clone() for n, m in quant_layers(model).items()}
+    with pytest.raises(ValueError, match=r"--round_zeros: .* outside the 4-bit range 0\.\.15 .* --format lowbit"):
+        export(model, tmp_path / "gptq", format="gptq", round_zeros=True)
+    assert not (tmp_path / "gptq").exists()
+    assert all(torch.equal(m.zeros, zeros[n]) for n, m in quant_layers(model).items())  # restored
 
 
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -257,10 +268,7 @@ def test_gguf_loads_back_in_transformers_with_the_same_logits(tmp_path, tokens, 
     model = make_tiny_llama(vocab=49152)  # SmolLM2's vocabulary: its tokenizer goes into the file
     quantize_model(model, BlockLayout.group(4, 32), progress=False, exclude=["model.layers.1.self_attn.k_proj"])
     attach(model, "qa_lora", r=4)
-    g = torch.Generator().manual_seed(0)
-    for layer in adapted_layers(model).values():
-        for p in layer.adapter.parameters():
-            p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_adapters(model, seed=0, scale=0.1)
     adapter_on = logits(model, tokens)
     path = export(model, tmp_path / "gguf", format="gguf", tokenizer=smol_tokenizer)
     reloaded = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, dtype=torch.float32)

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from lowbit_ft import BlockLayout, load_model, load_quantized, quantize_model
-from lowbit_ft.adapters import adapted_layers, attach, merged_view
+from lowbit_ft.adapters import attach, merged_view
 from lowbit_ft.convert import dequantize_model
 from lowbit_ft.exporters import export
 from lowbit_ft.gguf_format import GGUF_FILE
 from lowbit_ft.loading import smollm2_gguf
 
-from .conftest import make_tiny_llama
+from .conftest import make_tiny_llama, randomize_adapters
 
 pytestmark = pytest.mark.slow
 TEXT = ("<|im_start|>user\nName three primary colours and say why the sky is blue in 2 sentences.<|im_end|>\n"
@@ -53,10 +53,7 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 def random_qa_lora(model, seed: int, scale: float) -> None:
     """QA-LoRA with seeded random non-zero A and B: no training needed to have something to merge."""
     attach(model, "qa_lora", r=8, alpha=16)
-    g = torch.Generator().manual_seed(seed)
-    for layer in adapted_layers(model).values():
-        for p in layer.adapter.parameters():
-            p.data.copy_(torch.randn(p.shape, generator=g) * scale)
+    randomize_adapters(model, seed, scale)
 
 
 class LlamaCpp:

@@ -28,7 +28,7 @@ def test_builtin_model_is_smollm2(smollm2):
 
 def test_gguf_model_is_a_plain_float_model(smollm2):
     """transformers dequantizes GGUF but leaves its quantizer attached; ours is detached, so dtype casts
-    work (merge_dense(...).float() in bench/reproduce.py) and no stale quantization_config is saved."""
+    work (merge_dense(...).float() in experiments/reproduce.py) and no stale quantization_config is saved."""
     model = copy.deepcopy(smollm2[0])
     assert model.half().float().dtype == torch.float32
     assert not hasattr(model.config, "quantization_config")

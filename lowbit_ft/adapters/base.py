@@ -108,6 +108,17 @@ class Adapter(nn.Module):
         bo, bi = self.tile
         return self.block_delta().repeat_interleave(bo, 0).repeat_interleave(bi, 1)
 
+    def map_for_block_delta(self, target: torch.Tensor) -> torch.Tensor:
+        """The map M whose block delta is `target` (C = scaling · M / divisor, inverted)."""
+        divisor = 1 if self.pooling == "sum" else self.tile[1]
+        return target.double() * divisor / self.scaling
+
+    def start_from_block_delta(self, target: torch.Tensor, metric: torch.Tensor) -> None:
+        """Set the parameters so that `block_delta()` is `target` (out/bo × in/bi), or its best approximation
+        the adapter can hold, with errors weighed by `metric` (in/bi × in/bi, positive definite) on the
+        columns: what `init: quant_error` needs (lowbit_ft.adapters.quant_error). Not every adapter can."""
+        raise ValueError(f"{type(self).__name__} cannot start from a block delta (init: quant_error); use init: zero")
+
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
@@ -127,6 +138,21 @@ class LowRankAdapter(Adapter):
 
     def block_map(self, pooled: torch.Tensor) -> torch.Tensor:
         return pooled @ self.lora_A.t() @ self.lora_B.t()
+
+    @torch.no_grad()
+    def start_from_block_delta(self, target: torch.Tensor, metric: torch.Tensor) -> None:
+        """B·A = the best rank-r approximation of the target map under the column metric S = L·Lᵀ: the
+        truncated SVD of M·L, split evenly (B = U·√σ, A = √σ·Vᵀ·L⁻¹). Ranks beyond M's keep A's Kaiming rows
+        and zero B rows, so they still train."""
+        wanted = self.map_for_block_delta(target)
+        chol = torch.linalg.cholesky(metric.double())
+        u, sigma, vh = torch.linalg.svd(wanted @ chol, full_matrices=False)
+        k = min(self.lora_A.shape[0], sigma.numel())
+        root = sigma[:k].sqrt()
+        a = torch.linalg.solve_triangular(chol, root[:, None] * vh[:k], upper=False, left=False)
+        self.lora_B.zero_()
+        self.lora_B[:, :k] = (u[:, :k] * root).to(self.lora_B.dtype)
+        self.lora_A[:k] = a.to(self.lora_A.dtype)
 
     def block_matrix(self) -> torch.Tensor:
         return self.lora_B @ self.lora_A

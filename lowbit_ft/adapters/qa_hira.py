@@ -38,3 +38,7 @@ class QAHiRA(Adapter):
 
     def block_matrix(self):
         return self.hira_H
+
+    @torch.no_grad()
+    def start_from_block_delta(self, target: torch.Tensor, metric: torch.Tensor) -> None:
+        self.hira_H.copy_(self.map_for_block_delta(target))  # full rank over the block grid: exact

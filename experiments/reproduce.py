@@ -1,18 +1,21 @@
 """The QA-LoRA paper's comparison on a real model: fine-tune SmolLM2-135M on natural-instructions data
 at INT4/3/2 and score every method on the same multiple-choice sets and held-out perplexity.
 
-    python bench/reproduce.py                          # CPU, reduced steps (about an hour on 2 cores)
-    python bench/reproduce.py --steps 300 --limit 0    # the fuller run, on a GPU
-    python bench/reproduce.py --smoke                  # a tiny random model in seconds (the test suite)
+    python experiments/reproduce.py                          # CPU, reduced steps (about an hour on 2 cores)
+    python experiments/reproduce.py --steps 300 --limit 0    # the fuller run, on a GPU
+    python experiments/reproduce.py --smoke                  # a tiny random model in seconds (the test suite)
 
 Rows (same data, steps, seed and hyper-parameters for every trained method):
   - the 16-bit base, and the GPTQ INT-b g base without fine-tuning;
   - LoRA trained on the GPTQ INT4 base, merged to fp16 (the paper's QLoRA; the upper reference),
     then post-training quantized to INT-b with RTN and with GPTQ ("QLoRA w/ GPTQ");
-  - QA-LoRA on the GPTQ INT-b (1, g) base, merged into the INT-b zeros, and adapter-on;
-  - QA-HiRA on a GPTQ INT-b (8, 4)-block base, merged and adapter-on;
+  - QA-LoRA on the GPTQ INT-b (1, g) base, merged into the INT-b zeros, and adapter-on; with
+    `--inits quant_error` also on the RTN INT-b base started from its rounding error (the start needs RTN);
+  - QA-HiRA on a GPTQ INT-b (8, 4)-block base, merged and adapter-on (and RTN + quant_error likewise);
   - Q-BaRA on the GPTQ INT-b base, merged into dense fp16 weights (it cannot merge into low bit).
-Each finished row is appended to OUTPUT/rows.jsonl at once: an interrupted run resumes where it stopped.
+Each row is a `RowKey` (method, stage, bits, base quantizer, init, seed), written with its scores to
+OUTPUT/rows.jsonl as soon as it is done: an interrupted run resumes where it stopped. `--seeds` repeats
+every trained row per seed.
 OUTPUT/results.md holds the table and OUTPUT/accuracy_vs_bits.png the plot.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -35,6 +39,7 @@ from torch import nn
 
 from lowbit_ft import BlockLayout, quantize_model
 from lowbit_ft.adapters import merge, merge_dense
+from lowbit_ft.adapters.quant_error import init_from_quant_error
 from lowbit_ft.convert import dequantize_model
 from lowbit_ft.data import InstructionDataModule, read_records
 from lowbit_ft.evaluate import evaluate_task, perplexity, read_task
@@ -45,7 +50,55 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("science_qa", "goal_step_wikihow", "winogrande")  # the sets that separate models at 135M
 FAMILIES = ("base", "lora", "qa_lora", "qa_hira", "q_bara")  # row groups --only picks from
 METRIC = "acc"  # summed log-likelihood, the shared data README's headline column
-SCORES_VERSION = 2  # 2: perplexity of held-out responses (1: of the full text); rows of another version are not reused
+SCORES_VERSION = 3  # 3: typed row keys (2: display names; 1: perplexity of the full text); others are not reused
+
+
+STAGES = {  # stage → how the row's model is deployed
+    "16-bit": "the float model", "GPTQ base": "the GPTQ base, no fine-tuning", "merged fp16": "merged into fp16",
+    "+ RTN": "merged fp16, then RTN", "+ GPTQ": "merged fp16, then GPTQ", "adapter-on": "base + adapters",
+    "merged": "merged into the low-bit zeros",
+}
+NAMES = {"base": "", "lora": "LoRA", "qa_lora": "QA-LoRA", "qa_hira": "QA-HiRA", "q_bara": "Q-BaRA"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RowKey:
+    """What a row is. `base` is the quantizer of the low-bit base it was trained on (or is), `init` the
+    adapters' start, `seed` the training seed (None for rows without training)."""
+
+    method: str  # one of FAMILIES
+    stage: str  # one of STAGES
+    bits: int
+    base: str | None = None  # "gptq" | "rtn"
+    init: str = "zero"
+    seed: int | None = None
+
+    @property
+    def notes(self) -> str:
+        notes = [f"{self.base.upper()} base"] if self.base == "rtn" else []
+        notes += [f"{self.init} start"] if self.init != "zero" else []
+        notes += [f"seed {self.seed}"] if self.seed not in (None, DEFAULT_SEED) else []
+        return ", ".join(notes)
+
+    @property
+    def run(self) -> str:
+        """The fine-tuning run the row comes from, e.g. 'QA-LoRA (RTN base, quant_error start)'."""
+        return f"{NAMES[self.method]} ({self.notes})" if self.notes else NAMES[self.method]
+
+    @property
+    def label(self) -> str:
+        """The table's name for the row, e.g. 'QA-LoRA, merged (RTN base, quant_error start)'."""
+        if self.method == "base":
+            return "16-bit base" if self.stage == "16-bit" else "GPTQ base"
+        name = NAMES[self.method]
+        text = f"{name} {self.stage}" if self.stage.startswith("+") else f"{name}, {self.stage}"
+        return f"{text} ({self.notes})" if self.notes else text
+
+    def paired(self, stage: str) -> RowKey:
+        return dataclasses.replace(self, stage=stage)
+
+
+DEFAULT_SEED = 42
 
 
 class LossLog(L.Callback):
@@ -63,9 +116,17 @@ class GivenBase(LowBitModule):
     precision plugin does not have): the `load_base_model` hook is the one thing that changes."""
 
     given: list[nn.Module]
+    start_from: tuple[nn.Module, list[torch.Tensor]] | None = None  # (float model, calibration) for quant_error
 
     def load_base_model(self) -> nn.Module:
         return self.given.pop()
+
+    def on_fit_start(self) -> None:
+        if self.start_from is not None:  # the module's own path needs a plugin's spec; this base came ready-made
+            float_model, batches = self.start_from
+            removed = init_from_quant_error(self.model, float_model, batches, progress=False)
+            print(f"    quant_error start: {sum(removed.values()) / len(removed):.0%} of the rounding error "
+                  "cancelled on the calibration text (mean over layers)", flush=True)
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -82,21 +143,21 @@ class Reproduction:
         self.out = Path(args.output)
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows_path = self.out / "rows.jsonl"
-        # --only picks rows, it changes none: runs that differ only in it share a rows file
-        config = {k: v for k, v in vars(args).items() if k not in ("output", "only", "report_only")}
+        # --only / --seeds / --inits pick rows, they change none: runs that differ only in them share a rows file
+        config = {k: v for k, v in vars(args).items() if k not in ("output", "only", "report_only", "seeds", "inits")}
         config["scores"] = SCORES_VERSION
         config_path = self.out / "config.json"
         if self.rows_path.exists() and json.loads(config_path.read_text()) != config:
             raise SystemExit(f"{self.out} holds rows of a run with other settings; choose another --output")
         config_path.write_text(json.dumps(config, indent=2))
-        self.rows = [json.loads(line) for line in self.rows_path.open()] if self.rows_path.exists() else []
+        self.rows = read_rows(self.rows_path) if self.rows_path.exists() else []
         self.fp_model, self.tokenizer = load_model(args.model)
         self.fp_model.eval()
         records = read_records(args.train_data)
         order = list(range(len(records)))
         # the same seeded shuffle as InstructionDataModule: training reads order[:train_records], so
         # the tail of the order is never trained on and gives held-out perplexity text
-        random.Random(args.seed).shuffle(order)
+        random.Random(DEFAULT_SEED).shuffle(order)
         self.train_records = args.steps * args.batch_size
         self.ppl_records = [records[i] for i in order[self.train_records:][-args.perplexity_samples:]]
         if len(self.ppl_records) < args.perplexity_samples:
@@ -107,31 +168,33 @@ class Reproduction:
         need = args.calibration_samples * args.calibration_length
         ids = (ids * (need // max(len(ids), 1) + 1))[:need]  # repeated only in --smoke-sized runs
         self.calibration = torch.tensor(ids).reshape(args.calibration_samples, args.calibration_length)
-        self.gptq_bases: dict[tuple, nn.Module] = {}
-        self.lora_fp16: nn.Module | None = None
-        self.lora_losses: list[float] = []
+        self.bases: dict[tuple, nn.Module] = {}
+        self.lora_fp16: dict[int, tuple[nn.Module, list[float]]] = {}  # per seed
 
     # --- building blocks ------------------------------------------------------------------------
-    def done(self, method: str, bits: int) -> bool:
-        return any(r["method"] == method and r["bits"] == bits for r in self.rows)
+    def done(self, key: RowKey) -> bool:
+        return any(row["key"] == key for row in self.rows)
 
-    def gptq_base(self, layout: BlockLayout) -> nn.Module:
-        key = (layout.bits, layout.block_out, layout.block_in)
-        if key not in self.gptq_bases:
-            self.gptq_bases[key] = quantize_model(copy.deepcopy(self.fp_model), layout, "gptq",
-                                                  calibration=self.calibration)
-        return copy.deepcopy(self.gptq_bases[key])
+    def base(self, layout: BlockLayout, method: str = "gptq") -> nn.Module:
+        """A copy of the INT-b base: GPTQ on the calibration text, or RTN."""
+        key = (method, layout.bits, layout.block_out, layout.block_in)
+        if key not in self.bases:
+            calibration = self.calibration if method == "gptq" else None
+            self.bases[key] = quantize_model(copy.deepcopy(self.fp_model), layout, method, calibration=calibration)
+        return copy.deepcopy(self.bases[key])
 
-    def train(self, base: nn.Module, adapter: str) -> tuple[nn.Module, list[float]]:
+    def train(self, base: nn.Module, adapter: str, seed: int, init: str = "zero") -> tuple[nn.Module, list[float]]:
         """Fine-tune `adapter` on `base`: the trained model and its per-step training loss."""
         a = self.args
-        L.seed_everything(a.seed, verbose=False)
+        L.seed_everything(seed, verbose=False)
         pooled = adapter in ("qa_lora", "qa_hira")
         module = GivenBase(base=a.model, adapter=adapter, r=a.r, alpha=a.alpha, lr=a.lr, warmup_steps=a.warmup,
                            adapter_args={"pooling": a.pooling} if pooled else None)
         module.given = [base]
+        if init == "quant_error":
+            module.start_from = (self.fp_model, [self.calibration])
         data = InstructionDataModule(a.train_data, tokenizer=a.model, max_length=a.max_length,
-                                     batch_size=a.batch_size, val_fraction=0.0, seed=a.seed,
+                                     batch_size=a.batch_size, val_fraction=0.0, seed=seed,
                                      limit=self.train_records)
         trainer = L.Trainer(max_steps=a.steps, devices=1, gradient_clip_val=0.3, limit_val_batches=0,
                             num_sanity_val_steps=0, enable_checkpointing=False, logger=False,
@@ -152,62 +215,76 @@ class Reproduction:
         return {"tasks": tasks, "perplexity": ppl["response"], "text_perplexity": ppl["text"],
                 "perplexity_records": ppl["records"]}
 
-    def add(self, method: str, bits: int, model: nn.Module, started: float, **extra) -> dict:
-        row = {"method": method, "bits": bits, **self.score(model), **extra,
-               "seconds": round(time.perf_counter() - started, 1)}
+    def add(self, key: RowKey, model: nn.Module, started: float, **extra) -> dict:
+        row = {"key": key, **self.score(model), **extra, "seconds": round(time.perf_counter() - started, 1)}
         self.rows.append(row)
         with self.rows_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({**row, "key": dataclasses.asdict(key)}) + "\n")
         accs = "  ".join(f"{t} {row['tasks'][t][METRIC]:.3f}" for t in self.args.tasks)
-        print(f"[{method}, {bits}-bit] {accs}  ppl {row['perplexity']:.2f}  ({row['seconds']:.0f} s)", flush=True)
+        print(f"[{key.label}, {key.bits}-bit] {accs}  ppl {row['perplexity']:.2f}  ({row['seconds']:.0f} s)",
+              flush=True)
         return row
 
-    def lora_merged(self) -> nn.Module:
+    def lora_merged(self, seed: int) -> tuple[nn.Module, list[float]]:
         """LoRA trained on the GPTQ INT4 base and merged into dense fp16 weights (QLoRA's deployment)."""
-        if self.lora_fp16 is None:
-            trained, self.lora_losses = self.train(self.gptq_base(BlockLayout.group(4, self.args.group_size)), "lora")
-            self.lora_fp16 = merge_dense(trained, torch.float16).float()  # fp16 values, float32 math
-        return self.lora_fp16
+        if seed not in self.lora_fp16:
+            trained, losses = self.train(self.base(BlockLayout.group(4, self.args.group_size)), "lora", seed)
+            self.lora_fp16[seed] = merge_dense(trained, torch.float16).float(), losses  # fp16 values, float32 math
+        return self.lora_fp16[seed]
 
     # --- the table ------------------------------------------------------------------------------
     def run(self) -> None:
         a = self.args
         started = time.perf_counter()
         wanted = set(a.only)
-        if "base" in wanted and not self.done("16-bit base", 16):
-            self.add("16-bit base", 16, self.fp_model, started)
-        if "lora" in wanted and not self.done("LoRA, merged fp16", 16):
-            t = time.perf_counter()
-            self.add("LoRA, merged fp16", 16, self.lora_merged(), t, train_loss=self.lora_losses)
+        if "base" in wanted and not self.done(key := RowKey("base", "16-bit", 16)):
+            self.add(key, self.fp_model, started)
+        for seed in a.seeds:
+            if "lora" in wanted and not self.done(key := RowKey("lora", "merged fp16", 16, "gptq", seed=seed)):
+                t = time.perf_counter()
+                model, losses = self.lora_merged(seed)
+                self.add(key, model, t, train_loss=losses)
         for bits in a.bits:
             group, blocks = BlockLayout.group(bits, a.group_size), BlockLayout(bits, *a.hira_block)
             t = time.perf_counter()
-            if "base" in wanted and not self.done("GPTQ base", bits):
-                self.add("GPTQ base", bits, self.gptq_base(group), t)
-            for ptq in ("rtn", "gptq") if "lora" in wanted else ():
-                method, t = f"LoRA + {ptq.upper()}", time.perf_counter()
-                if not self.done(method, bits):
-                    calibration = self.calibration.to(device_of(self.lora_merged())) if ptq == "gptq" else None
-                    quantized = quantize_model(copy.deepcopy(self.lora_merged()), group, ptq, calibration=calibration)
-                    self.add(method, bits, quantized, t, train_loss=self.lora_losses)
-            for adapter, name, layout in (("qa_lora", "QA-LoRA", group), ("qa_hira", "QA-HiRA", blocks)):
-                t = time.perf_counter()
-                if adapter not in wanted or (self.done(f"{name}, merged", bits)
-                                             and self.done(f"{name}, adapter-on", bits)):
+            if "base" in wanted and not self.done(key := RowKey("base", "GPTQ base", bits, "gptq")):
+                self.add(key, self.base(group), t)
+            for seed in a.seeds:
+                self.run_seed(bits, group, blocks, seed, wanted)
+        write_report(self.rows, a, self.out)
+        print(f"done in {(time.perf_counter() - started) / 60:.1f} min: {self.out / 'results.md'}")
+
+    def run_seed(self, bits: int, group: BlockLayout, blocks: BlockLayout, seed: int, wanted: set[str]) -> None:
+        a = self.args
+        for ptq in ("rtn", "gptq") if "lora" in wanted else ():
+            key, t = RowKey("lora", f"+ {ptq.upper()}", bits, "gptq", seed=seed), time.perf_counter()
+            if not self.done(key):
+                merged, losses = self.lora_merged(seed)
+                calibration = self.calibration.to(device_of(merged)) if ptq == "gptq" else None
+                self.add(key, quantize_model(copy.deepcopy(merged), group, ptq, calibration=calibration), t,
+                         train_loss=losses)
+        for adapter, layout in (("qa_lora", group), ("qa_hira", blocks)):
+            for init in a.inits if adapter in wanted else ():
+                quantizer = "rtn" if init == "quant_error" else "gptq"  # the start is for RTN bases
+                on_key = RowKey(adapter, "adapter-on", bits, quantizer, init, seed)
+                if self.done(on_key) and self.done(on_key.paired("merged")):
                     continue
-                trained, losses = self.train(self.gptq_base(layout), adapter)
-                on = self.add(f"{name}, adapter-on", bits, trained, t, train_loss=losses)
-                merged = self.add(f"{name}, merged", bits, merge(trained), time.perf_counter())
+                t = time.perf_counter()
+                trained, losses = self.train(self.base(layout, quantizer), adapter, seed, init)
+                on = self.add(on_key, trained, t, train_loss=losses)
+                merged = self.add(on_key.paired("merged"), merge(trained), time.perf_counter())
                 same = {task: on["tasks"][task]["predictions"] == merged["tasks"][task]["predictions"]
                         for task in a.tasks}
                 print(f"    merged picks the same answer as adapter-on on every item: {same}", flush=True)
+        if "q_bara" in wanted and not self.done(key := RowKey("q_bara", "merged fp16", bits, "gptq", seed=seed)):
             t = time.perf_counter()
-            if "q_bara" in wanted and not self.done("Q-BaRA, merged fp16", bits):
-                trained, losses = self.train(self.gptq_base(group), "q_bara")
-                self.add("Q-BaRA, merged fp16", bits, merge_dense(trained, torch.float16).float(), t,
-                         train_loss=losses)
-        write_report(self.rows, a, self.out)
-        print(f"done in {(time.perf_counter() - started) / 60:.1f} min: {self.out / 'results.md'}")
+            trained, losses = self.train(self.base(group), "q_bara", seed)
+            self.add(key, merge_dense(trained, torch.float16).float(), t, train_loss=losses)
+
+
+def read_rows(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.open()]
+    return [{**row, "key": RowKey(**row["key"])} for row in rows]
 
 
 def value_of(row: dict, key: str) -> float:
@@ -216,18 +293,18 @@ def value_of(row: dict, key: str) -> float:
 
 def merge_lines(rows: list[dict], tasks: list[str]) -> list[str]:
     """Merged vs adapter-on, item by item: the exact merge must pick the same answer everywhere."""
-    by_key = {(r["method"], r["bits"]): r for r in rows}
+    by_key = {r["key"]: r for r in rows}
     lines = ["| merged vs adapter-on | bits | " + " | ".join(f"{t} same picks" for t in tasks) + " | ppl rel. diff |",
              "|" + "---|" * (len(tasks) + 3)]
-    for (method, bits), on in by_key.items():
-        merged = by_key.get((method.replace("adapter-on", "merged"), bits))
-        if "adapter-on" not in method or merged is None:
+    for key, on in by_key.items():
+        merged = by_key.get(key.paired("merged"))
+        if key.stage != "adapter-on" or merged is None:
             continue
         same = [sum(a == b for a, b in zip(on["tasks"][t]["predictions"], merged["tasks"][t]["predictions"],
                                            strict=True)) for t in tasks]
         cells = " | ".join(f"{k}/{on['tasks'][t]['n']}" for k, t in zip(same, tasks, strict=True))
         diff = abs(merged["perplexity"] - on["perplexity"]) / on["perplexity"]
-        lines.append(f"| {method.split(',')[0]} | {bits} | {cells} | {diff:.1e} |")
+        lines.append(f"| {key.paired('merged').label} | {key.bits} | {cells} | {diff:.1e} |")
     return [*lines, ""] if len(lines) > 2 else []
 
 
@@ -240,16 +317,17 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def paired_lines(rows: list[dict], gold: dict[str, list[int]], baseline: str = "LoRA + GPTQ") -> list[str]:
-    """Every deployable row (merged or base) against the PTQ baseline of the same bits on the same items,
+def paired_lines(rows: list[dict], gold: dict[str, list[int]]) -> list[str]:
+    """Every deployable row (merged or base) against LoRA + GPTQ of the same bits and seed on the same items,
     all tasks pooled: the items only one of the two gets right, and whether that split could be chance
     (at n = 100 a task, accuracy moves by about ±0.05 on noise alone)."""
-    by_key = {(r["method"], r["bits"]): r for r in rows}
-    lines = [f"| vs {baseline} | bits | only method right | only baseline right | sign-test p |",
+    by_key = {r["key"]: r for r in rows}
+    lines = ["| vs LoRA + GPTQ (same bits, seed) | bits | only method right | only baseline right | sign-test p |",
              "|---|---|---|---|---|"]
-    for (method, bits), row in by_key.items():
-        base = by_key.get((baseline, bits))
-        if base is None or method == baseline or "adapter-on" in method:
+    for key, row in by_key.items():
+        seed = key.seed if key.seed is not None else DEFAULT_SEED
+        base = by_key.get(RowKey("lora", "+ GPTQ", key.bits, "gptq", seed=seed))
+        if base is None or key == base["key"] or key.stage == "adapter-on":
             continue
         wins = losses = 0
         for t, answers in gold.items():
@@ -257,23 +335,40 @@ def paired_lines(rows: list[dict], gold: dict[str, list[int]], baseline: str = "
                                            strict=True):
                 wins += mine == right and theirs != right
                 losses += theirs == right and mine != right
-        lines.append(f"| {method} | {bits} | {wins} | {losses} | {sign_test(wins, losses):.2f} |")
+        lines.append(f"| {key.label} | {key.bits} | {wins} | {losses} | {sign_test(wins, losses):.2f} |")
     return [*lines, ""] if len(lines) > 2 else []
 
 
 def loss_lines(rows: list[dict]) -> list[str]:
-    """Training loss, mean of the first and of the last five steps, of every fine-tuning run (the LoRA
-    run on the INT4 base is shared by all the LoRA rows)."""
+    """Training loss, mean of the first and of the last five steps, of every fine-tuning run (a seed's LoRA
+    run on the INT4 base is shared by all its LoRA rows)."""
     lines = ["| fine-tuning run | base bits | loss, first 5 steps | loss, last 5 steps |", "|---|---|---|---|"]
     seen = set()
     for row in rows:
-        losses = row.get("train_loss")
-        lora = row["method"].startswith("LoRA")
-        key = ("LoRA", 4) if lora else (row["method"].split(",")[0], row["bits"])
-        if losses and key not in seen:
-            seen.add(key)
-            lines.append(f"| {key[0]} | {key[1]} | {sum(losses[:5]) / len(losses[:5]):.3f} | "
+        losses, key = row.get("train_loss"), row["key"]
+        run = (key.run, 4 if key.method == "lora" else key.bits)
+        if losses and run not in seen:
+            seen.add(run)
+            lines.append(f"| {run[0]} | {run[1]} | {sum(losses[:5]) / len(losses[:5]):.3f} | "
                          f"{sum(losses[-5:]) / len(losses[-5:]):.3f} |")
+    return [*lines, ""] if len(lines) > 2 else []
+
+
+def seed_lines(rows: list[dict]) -> list[str]:
+    """Rows trained with more than one seed: mean and spread (min–max) of the perplexity and the MC mean."""
+    groups: dict[RowKey, list[dict]] = {}
+    for row in rows:
+        if row["key"].seed is not None and row["key"].stage != "adapter-on":  # deployable rows
+            groups.setdefault(dataclasses.replace(row["key"], seed=None), []).append(row)
+    lines = ["| over seeds | bits | seeds | held-out ppl mean (min–max) | MC mean (min–max) |", "|---|---|---|---|---|"]
+    for key, group in groups.items():
+        if len(group) < 2:
+            continue
+        ppl = [r["perplexity"] for r in group]
+        mc = [sum(r["tasks"][t][METRIC] for t in r["tasks"]) / len(r["tasks"]) for r in group]
+        lines.append(f"| {dataclasses.replace(key, seed=DEFAULT_SEED).label} | {key.bits} | {len(group)} | "
+                     f"{sum(ppl) / len(ppl):.2f} ({min(ppl):.2f}–{max(ppl):.2f}) | "
+                     f"{sum(mc) / len(mc):.3f} ({min(mc):.3f}–{max(mc):.3f}) |")
     return [*lines, ""] if len(lines) > 2 else []
 
 
@@ -285,12 +380,12 @@ def write_report(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
     chance = "| chance | | " + " | ".join(f"{rows[0]['tasks'][t]['chance']:.3f}" for t in tasks) + " | |"
     for row in rows:
         accs = " | ".join(f"{row['tasks'][t][METRIC]:.3f}" for t in tasks)
-        lines.append(f"| {row['method']} | {row['bits']} | {accs} | {row['perplexity']:.2f} |")
+        lines.append(f"| {row['key'].label} | {row['key'].bits} | {accs} | {row['perplexity']:.2f} |")
     n = ", ".join(f"{t} n={rows[0]['tasks'][t]['n']}" for t in tasks)
     gold = {t: [item["answer"] for item in read_task(Path(args.eval_data) / f"{t}.jsonl")][: rows[0]["tasks"][t]["n"]]
             for t in tasks}
     text = [*lines, chance, "", f"Accuracy by summed log-likelihood ({n}).", "", *merge_lines(rows, tasks),
-            *paired_lines(rows, gold), *loss_lines(rows)]
+            *paired_lines(rows, gold), *seed_lines(rows), *loss_lines(rows)]
     (out / "results.md").write_text("\n".join(text))
     try:
         import matplotlib
@@ -301,14 +396,14 @@ def write_report(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.8))
-    low_bit = sorted({r["bits"] for r in rows if r["bits"] < 16})
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows if r["bits"] < 16) if "adapter-on" not in m]
+    low_bit = sorted({r["key"].bits for r in rows if r["key"].bits < 16})
+    methods = list(dict.fromkeys(r["key"].label for r in rows if r["key"].bits < 16 and r["key"].stage != "adapter-on"))
     for ax, key in zip(axes, [*tasks, "perplexity"], strict=True):
         for method in methods:
-            points = sorted((r["bits"], value_of(r, key)) for r in rows if r["method"] == method)
+            points = sorted((r["key"].bits, value_of(r, key)) for r in rows if r["key"].label == method)
             ax.plot(*zip(*points, strict=True), marker="o", label=method)
-        for row, style in zip([r for r in rows if r["bits"] == 16], ("k--", "k:"), strict=False):
-            ax.axhline(value_of(row, key), color=style[0], linestyle=style[1:], label=row["method"])
+        for row, style in zip([r for r in rows if r["key"].bits == 16], ("k--", "k:"), strict=False):
+            ax.axhline(value_of(row, key), color=style[0], linestyle=style[1:], label=row["key"].label)
         if key == "perplexity":
             ax.set_yscale("log")
         else:
@@ -340,7 +435,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="QA-LoRA / QA-HiRA pooling: sum trains at LoRA's LR, mean is the authors' convention")
     parser.add_argument("--r", type=int, default=16, help="adapter rank")
     parser.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator (scale alpha / r)")
-    parser.add_argument("--seed", type=int, default=42, help="seed of data order, adapter init and dropout")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[DEFAULT_SEED],
+                        help="seeds of data order, adapter init and dropout: every trained row once per seed")
+    parser.add_argument("--inits", nargs="+", choices=("zero", "quant_error"), default=["zero"],
+                        help="QA-LoRA / QA-HiRA starts: zero (on the GPTQ base) and/or quant_error (on the RTN base)")
     parser.add_argument("--limit", type=int, default=100, help="items scored per task (0: all)")
     parser.add_argument("--perplexity-samples", type=int, default=100,
                         help="held-out records for perplexity (of their responses, as the training loss)")
@@ -349,7 +447,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=FAMILIES, default=list(FAMILIES),
                         help="rows to run: base (16-bit and GPTQ bases), lora (LoRA merged fp16, + RTN, + GPTQ), "
                              "qa_lora, qa_hira, q_bara (adapter-on and merged)")
-    parser.add_argument("--output", default="docs/results", help="folder for rows.jsonl, results.md and the plot")
+    parser.add_argument("--output", default="docs/results/run", help="folder for rows.jsonl, results.md and the plot")
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite results.md and the plot from OUTPUT/rows.jsonl (same task/eval flags)")
     parser.add_argument("--smoke", action="store_true", help="a tiny random LLaMA and 2 items per task")
@@ -394,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
         rows_path = Path(args.output) / "rows.jsonl"
         if not rows_path.exists():
             raise SystemExit(f"--report-only: {rows_path} does not exist; run without --report-only first")
-        write_report([json.loads(line) for line in rows_path.open()], args, Path(args.output))
+        write_report(read_rows(rows_path), args, Path(args.output))
         return
     print(f"torch {torch.__version__}, device: {'cuda' if torch.cuda.is_available() else 'cpu'}", flush=True)
     Reproduction(args).run()
