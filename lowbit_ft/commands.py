@@ -12,7 +12,6 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from lowbit_ft.adapters import get_adapter_class
 from lowbit_ft.base import DEFAULT_GROUP_SIZE, QuantSpec, cache_root, fingerprint, read_record
 from lowbit_ft.callbacks.merge_check import MergeMismatchError, check_merge
 from lowbit_ft.convert import dequantize_model, quant_layers
@@ -27,7 +26,7 @@ from lowbit_ft.generate import generate_answers
 from lowbit_ft.gptq_format import save_gptq
 from lowbit_ft.loading import BUILTIN_SMOLLM2, load_model, load_quantized, load_tokenizer
 from lowbit_ft.lowbit_format import save_lowbit
-from lowbit_ft.module import LowBitModule, NonFiniteLossError, read_checkpoint
+from lowbit_ft.module import LowBitModule, NonFiniteLossError, checkpoint_hparams, read_checkpoint
 from lowbit_ft.report import QuantReport, logits_of, probe_batch, quantize_and_report
 
 
@@ -117,10 +116,7 @@ def module_from_checkpoint(checkpoint: Path, base: str | None = None, option: st
         cache_key = None if base is not None else record.get("cache_key")
     else:  # written before bases were fingerprinted: the plugin's settings only, nothing to verify against
         spec, dtype, cache_key = legacy_spec(ckpt["lowbit_precision"])
-    hparams = dict(ckpt["hyper_parameters"])
-    if "lowbit_adapter" not in ckpt:  # written before adapters recorded their hparams: their defaults then
-        legacy = get_adapter_class(hparams.get("adapter", "qa_lora")).legacy_hparams
-        hparams["adapter_args"] = {**legacy, **(hparams.get("adapter_args") or {})}
+    hparams = checkpoint_hparams(ckpt)
     source = hparams["base"] = str(base) if base is not None else hparams.get("base", BUILTIN_SMOLLM2)
     cached = cache_key is not None and (cache_root() / cache_key).is_dir()
     if not cached and source != BUILTIN_SMOLLM2 and not Path(source).exists():

@@ -16,7 +16,7 @@ from lowbit_ft.callbacks.progress import ParameterLine, StepProgressBar
 from lowbit_ft.cli import LIGHTNING_COMMANDS
 from lowbit_ft.data import BUILTIN_DEMO, InstructionDataModule
 from lowbit_ft.loading import BUILTIN_SMOLLM2
-from lowbit_ft.module import LowBitModule, NonFiniteLossError, read_checkpoint
+from lowbit_ft.module import LowBitModule, NonFiniteLossError, checkpoint_hparams, read_checkpoint
 from lowbit_ft.quiet import quiet_lightning
 from lowbit_ft.run_dir import last_checkpoint, place_outputs, release, run_directory
 
@@ -34,7 +34,7 @@ def check_resume_config(ckpt_path: Path, config, subcommand: str) -> None:
     recorded file still exists (else it moved), GPTQ's calibration file not at all (the fingerprint covers it)."""
     ckpt = read_checkpoint(ckpt_path, "--ckpt_path")
     model = config.model.as_dict()
-    pairs = [(f"model.{k}", v, model.get(k)) for k, v in ckpt.get("hyper_parameters", {}).items()
+    pairs = [(f"model.{k}", v, model.get(k)) for k, v in checkpoint_hparams(ckpt).items()
              if not k.startswith("_") and k != "base"]
     if subcommand == "fit":
         data = config.data.as_dict()

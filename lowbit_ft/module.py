@@ -381,6 +381,16 @@ def read_checkpoint(path: Path, option: str) -> dict:
         raise ValueError(f"{option} {path}: not a readable checkpoint ({type(err).__name__})") from None
 
 
+def checkpoint_hparams(ckpt: dict) -> dict:
+    """A training checkpoint's model hyper-parameters, with what checkpoints from before an adapter hparam existed
+    were trained with filled in (their adapters' `legacy_hparams`, e.g. QA-LoRA's mean pooling)."""
+    hparams = dict(ckpt.get("hyper_parameters", {}))
+    if "lowbit_adapter" not in ckpt and "adapter" in hparams:
+        legacy = adapters.get_adapter_class(hparams["adapter"]).legacy_hparams
+        hparams["adapter_args"] = {**legacy, **(hparams.get("adapter_args") or {})}
+    return hparams
+
+
 def build_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, **kwargs)

@@ -149,9 +149,9 @@ def test_a_checkpoint_from_before_fingerprints_still_exports(trained, tmp_path, 
     assert "merged/top1_agreement=1" in capsys.readouterr().out
 
 
-def test_a_checkpoint_from_before_pooling_exports_with_mean_pooling(trained, tmp_path):
-    """Checkpoints written before adapters recorded their hparams ("lowbit_adapter") were trained with mean
-    pooling: B·A / g per group. The fit's sum-pooled adapter, rewritten that way (B × g), exports unchanged."""
+def legacy_pooling_checkpoint(trained, tmp_path):
+    """The fit's sum-pooled checkpoint rewritten as one from before adapters recorded their hparams (no
+    "lowbit_adapter"), which were trained with mean pooling: B·A / g per group, so B × g keeps ΔW."""
     path = trained / "out/quickstart/version_0/checkpoints/last.ckpt"
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert ckpt.pop("lowbit_adapter")["hparams"]["pooling"] == "sum"
@@ -162,9 +162,13 @@ def test_a_checkpoint_from_before_pooling_exports_with_mean_pooling(trained, tmp
         if key.endswith("lora_B"):
             ckpt["state_dict"][key] = ckpt["state_dict"][key] * group
     torch.save(ckpt, tmp_path / "old.ckpt")
+    return path, tmp_path / "old.ckpt"
+
+
+def test_a_checkpoint_from_before_pooling_exports_with_mean_pooling(trained, tmp_path):
+    path, old_ckpt = legacy_pooling_checkpoint(trained, tmp_path)
     main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "new"), "--dtype", "float32"])
-    main(["export", "--checkpoint", str(tmp_path / "old.ckpt"), "--output", str(tmp_path / "old"),
-          "--dtype", "float32"])
+    main(["export", "--checkpoint", str(old_ckpt), "--output", str(tmp_path / "old"), "--dtype", "float32"])
     tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         new = load_quantized(tmp_path / "new", dtype=torch.float32)(tokens).logits
@@ -172,7 +176,20 @@ def test_a_checkpoint_from_before_pooling_exports_with_mean_pooling(trained, tmp
     assert (old - new).abs().max() < 1e-4
     module = module_from_checkpoint(path)  # sum-pooled adapters cannot continue from the old checkpoint
     with pytest.raises(ValueError, match="trained with pooling='mean', this model builds pooling='sum'"):
-        module.on_load_checkpoint(torch.load(tmp_path / "old.ckpt", weights_only=True))
+        module.on_load_checkpoint(torch.load(old_ckpt, weights_only=True))
+
+
+def test_a_checkpoint_from_before_pooling_resumes_once_told_mean(trained, tiny_model_dir, tmp_path, monkeypatch,
+                                                                 capsys):
+    """Resuming it with today's recipe is refused by name; with adapter_args.pooling mean it continues."""
+    _, old = legacy_pooling_checkpoint(trained, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(fit_args(tiny_model_dir, "--ckpt_path", str(old), steps=6))
+    assert "model.adapter_args is {'pooling': 'mean'} in the checkpoint but {} now" in capsys.readouterr().err
+    main(fit_args(tiny_model_dir, "--ckpt_path", str(old), "--model.adapter_args", "{pooling: mean}", steps=6))
+    ckpt = torch.load(next(tmp_path.glob("out/quickstart/version_*/checkpoints/last.ckpt")), weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["lowbit_adapter"]["hparams"]["pooling"] == "mean"
 
 
 def test_overwrite_never_deletes_a_run_or_foreign_files(trained, tmp_path, capsys):
