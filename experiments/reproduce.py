@@ -45,6 +45,7 @@ from lowbit_ft.data import InstructionDataModule, read_records
 from lowbit_ft.evaluate import evaluate_task, perplexity, read_task
 from lowbit_ft.loading import load_model
 from lowbit_ft.module import LowBitModule
+from lowbit_ft.quiet import quiet_lightning
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("science_qa", "goal_step_wikihow", "winogrande")  # the sets that separate models at 135M
@@ -485,6 +486,7 @@ def smoke_setup(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    quiet_lightning()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     if args.smoke:
         smoke_setup(args)
