@@ -51,6 +51,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("science_qa", "goal_step_wikihow", "winogrande")  # the sets that separate models at 135M
 FAMILIES = ("base", "lora", "qa_lora", "qa_hira", "q_bara")  # row groups --only picks from
 METRIC = "acc"  # summed log-likelihood, the shared data README's headline column
+ROW_PICKERS = ("output", "only", "report_only", "bits", "seeds", "inits", "ptq")
 SCORES_VERSION = 3  # 3: typed row keys (2: display names; 1: perplexity of the full text); others are not reused
 
 
@@ -144,8 +145,9 @@ class Reproduction:
         self.out = Path(args.output)
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows_path = self.out / "rows.jsonl"
-        # --only / --seeds / --inits pick rows, they change none: runs that differ only in them share a rows file
-        config = {k: v for k, v in vars(args).items() if k not in ("output", "only", "report_only", "seeds", "inits")}
+        # these flags pick rows (every row's key holds its bits, seed and init), they change none: runs that
+        # differ only in them share a rows file
+        config = {k: v for k, v in vars(args).items() if k not in ROW_PICKERS}
         config["scores"] = SCORES_VERSION
         config_path = self.out / "config.json"
         if self.rows_path.exists() and json.loads(config_path.read_text()) != config:
@@ -257,7 +259,7 @@ class Reproduction:
 
     def run_seed(self, bits: int, group: BlockLayout, blocks: BlockLayout, seed: int, wanted: set[str]) -> None:
         a = self.args
-        for ptq in ("rtn", "gptq") if "lora" in wanted else ():
+        for ptq in a.ptq if "lora" in wanted else ():
             key, t = RowKey("lora", f"+ {ptq.upper()}", bits, "gptq", seed=seed), time.perf_counter()
             if not self.done(key):
                 merged, losses = self.lora_merged(seed)
@@ -440,13 +442,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seeds of data order, adapter init and dropout: every trained row once per seed")
     parser.add_argument("--inits", nargs="+", choices=("zero", "quant_error"), default=["zero"],
                         help="QA-LoRA / QA-HiRA starts: zero (on the GPTQ base) and/or quant_error (on the RTN base)")
+    parser.add_argument("--ptq", nargs="+", choices=("rtn", "gptq"), default=["rtn", "gptq"],
+                        help="post-training quantizers of the merged LoRA rows (LoRA + RTN, LoRA + GPTQ)")
     parser.add_argument("--limit", type=int, default=100, help="items scored per task (0: all)")
     parser.add_argument("--perplexity-samples", type=int, default=100,
                         help="held-out records for perplexity (of their responses, as the training loss)")
     parser.add_argument("--calibration-samples", type=int, default=16, help="GPTQ calibration sequences")
     parser.add_argument("--calibration-length", type=int, default=256, help="tokens per calibration sequence")
     parser.add_argument("--only", nargs="+", choices=FAMILIES, default=list(FAMILIES),
-                        help="rows to run: base (16-bit and GPTQ bases), lora (LoRA merged fp16, + RTN, + GPTQ), "
+                        help="rows to run: base (16-bit and GPTQ bases), lora (LoRA merged fp16, + --ptq), "
                              "qa_lora, qa_hira, q_bara (adapter-on and merged)")
     parser.add_argument("--output", default="docs/results/run", help="folder for rows.jsonl, results.md and the plot")
     parser.add_argument("--report-only", action="store_true",

@@ -98,10 +98,14 @@ class Adapter(nn.Module):
             y = y.repeat_interleave(bo, dim=-1)
         return y.to(x.dtype)
 
+    @property
+    def pooled_scaling(self) -> float:
+        """C / M: the scaling, and under mean pooling the 1 / bi_a that averaging each run of inputs adds."""
+        return self.scaling if self.pooling == "sum" else self.scaling / self.tile[1]
+
     def block_delta(self) -> torch.Tensor:
         """C (out / bo_a × in / bi_a) with ΔW[o, i] = C[o // bo_a, i // bi_a]; float64 for exact merges."""
-        divisor = 1 if self.pooling == "sum" else self.tile[1]
-        return self.block_matrix().detach().double() * self.scaling / divisor
+        return self.block_matrix().detach().double() * self.pooled_scaling
 
     def delta_weight(self) -> torch.Tensor:
         """The dense ΔW (out × in), float64."""
@@ -109,9 +113,8 @@ class Adapter(nn.Module):
         return self.block_delta().repeat_interleave(bo, 0).repeat_interleave(bi, 1)
 
     def map_for_block_delta(self, target: torch.Tensor) -> torch.Tensor:
-        """The map M whose block delta is `target` (C = scaling · M / divisor, inverted)."""
-        divisor = 1 if self.pooling == "sum" else self.tile[1]
-        return target.double() * divisor / self.scaling
+        """The map M whose block delta is `target` (C = pooled_scaling · M, inverted)."""
+        return target.double() / self.pooled_scaling
 
     def start_from_block_delta(self, target: torch.Tensor, metric: torch.Tensor) -> None:
         """Set the parameters so that `block_delta()` is `target` (out/bo × in/bi), or its best approximation
