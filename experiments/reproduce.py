@@ -16,7 +16,8 @@ Rows (same data, steps, seed and hyper-parameters for every trained method):
 Each row is a `RowKey` (method, stage, bits, base quantizer, init, seed), written with its scores to
 OUTPUT/rows.jsonl as soon as it is done: an interrupted run resumes where it stopped. `--seeds` repeats
 every trained row per seed.
-OUTPUT/results.md holds the table and OUTPUT/accuracy_vs_bits.png the plot.
+OUTPUT/results.md holds the tables, OUTPUT/accuracy_vs_bits.png the scores and OUTPUT/loss_curves.png the
+training loss of every fine-tuning run.
 """
 
 from __future__ import annotations
@@ -342,19 +343,44 @@ def paired_lines(rows: list[dict], gold: dict[str, list[int]]) -> list[str]:
     return [*lines, ""] if len(lines) > 2 else []
 
 
-def loss_lines(rows: list[dict]) -> list[str]:
-    """Training loss, mean of the first and of the last five steps, of every fine-tuning run (a seed's LoRA
-    run on the INT4 base is shared by all its LoRA rows)."""
-    lines = ["| fine-tuning run | base bits | loss, first 5 steps | loss, last 5 steps |", "|---|---|---|---|"]
-    seen = set()
+def training_runs(rows: list[dict]) -> dict[tuple[str, int, str], list[float]]:
+    """(run, base bits, method) → per-step training loss, once per fine-tuning run (a seed's LoRA run on the
+    INT4 base is shared by all its LoRA rows)."""
+    runs: dict[tuple[str, int, str], list[float]] = {}
     for row in rows:
-        losses, key = row.get("train_loss"), row["key"]
-        run = (key.run, 4 if key.method == "lora" else key.bits)
-        if losses and run not in seen:
-            seen.add(run)
-            lines.append(f"| {run[0]} | {run[1]} | {sum(losses[:5]) / len(losses[:5]):.3f} | "
-                         f"{sum(losses[-5:]) / len(losses[-5:]):.3f} |")
+        if row.get("train_loss"):
+            key = row["key"]
+            runs.setdefault((key.run, 4 if key.method == "lora" else key.bits, key.method), row["train_loss"])
+    return runs
+
+
+def loss_lines(rows: list[dict]) -> list[str]:
+    """Training loss, mean of the first and of the last five steps, of every fine-tuning run."""
+    lines = ["| fine-tuning run | base bits | loss, first 5 steps | loss, last 5 steps |", "|---|---|---|---|"]
+    for (run, bits, _), losses in training_runs(rows).items():
+        lines.append(f"| {run} | {bits} | {sum(losses[:5]) / len(losses[:5]):.3f} | "
+                     f"{sum(losses[-5:]) / len(losses[-5:]):.3f} |")
     return [*lines, ""] if len(lines) > 2 else []
+
+
+def plot_losses(rows: list[dict], out: Path, plt) -> None:
+    """loss_curves.png: every run's training loss (mean over a 5-step window), one panel per base bit width,
+    LoRA's runs (on the INT4 base) drawn in every panel as the reference."""
+    runs = training_runs(rows)
+    panels = sorted({bits for _, bits, method in runs if method != "lora"} or {4}, reverse=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, bits in zip(axes[0], panels, strict=True):
+        for (run, run_bits, method), losses in runs.items():
+            if method == "lora" or run_bits == bits:
+                windows = [losses[max(0, i - 4): i + 1] for i in range(len(losses))]
+                ax.plot(range(1, len(losses) + 1), [sum(w) / len(w) for w in windows],
+                        label=f"{run}, INT{run_bits} base")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss (5-step mean)")
+        ax.set_title(f"fine-tuning on INT{bits} bases")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
 
 
 def seed_lines(rows: list[dict]) -> list[str]:
@@ -376,7 +402,7 @@ def seed_lines(rows: list[dict]) -> list[str]:
 
 
 def write_report(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
-    """results.md (the table) and accuracy_vs_bits.png (one panel per task plus perplexity)."""
+    """results.md (the tables), accuracy_vs_bits.png (one panel per task plus perplexity) and loss_curves.png."""
     tasks = list(args.tasks)
     header = "| method | bits | " + " | ".join(tasks) + " | held-out response ppl |"
     lines = [header, "|" + "---|" * (len(tasks) + 3)]
@@ -417,6 +443,8 @@ def write_report(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_bits.png", dpi=120)
+    if training_runs(rows):
+        plot_losses(rows, out, plt)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -55,6 +55,7 @@ def test_reproduce_smoke(tmp_path):
     assert "| vs LoRA + GPTQ (same bits, seed) |" in rest and "| over seeds | bits | seeds |" in rest
     assert "| QA-HiRA, merged (RTN base, quant_error start) | 3 | 2 |" in rest  # 2 seeds: mean and spread
     assert (tmp_path / "run" / "accuracy_vs_bits.png").stat().st_size > 10_000
+    assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 10_000
     (tmp_path / "run" / "results.md").unlink()  # --report-only rebuilds the same report from the rows alone
     again = subprocess.run([sys.executable, str(EXPERIMENTS / "reproduce.py"), "--smoke", "--bits", "3",
                             "--report-only", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
