@@ -401,9 +401,16 @@ def seed_lines(rows: list[dict]) -> list[str]:
     return [*lines, ""] if len(lines) > 2 else []
 
 
+def table_order(row: dict) -> tuple:
+    """Widest bits first; within a bit width by method, then run (base, start, seed), then stage."""
+    key = row["key"]
+    return (-key.bits, FAMILIES.index(key.method), key.init != "zero", key.base or "", key.seed or 0,
+            list(STAGES).index(key.stage))
+
+
 def write_report(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
     """results.md (the tables), accuracy_vs_bits.png (one panel per task plus perplexity) and loss_curves.png."""
-    tasks = list(args.tasks)
+    rows, tasks = sorted(rows, key=table_order), list(args.tasks)
     header = "| method | bits | " + " | ".join(tasks) + " | held-out response ppl |"
     lines = [header, "|" + "---|" * (len(tasks) + 3)]
     chance = "| chance | | " + " | ".join(f"{rows[0]['tasks'][t]['chance']:.3f}" for t in tasks) + " | |"
