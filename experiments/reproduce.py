@@ -487,7 +487,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=FAMILIES, default=list(FAMILIES),
                         help="rows to run: base (16-bit and GPTQ bases), lora (LoRA merged fp16, + --ptq), "
                              "qa_lora, qa_hira, q_bara (adapter-on and merged)")
-    parser.add_argument("--output", default="docs/results/run", help="folder for rows.jsonl, results.md and the plot")
+    parser.add_argument("--output", default="docs/results/run", help="folder for rows.jsonl, results.md and the plots")
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite results.md and the plot from OUTPUT/rows.jsonl (same task/eval flags)")
     parser.add_argument("--smoke", action="store_true", help="a tiny random LLaMA and 2 items per task")
