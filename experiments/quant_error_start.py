@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
 import time
-from pathlib import Path
 
 import torch
+from reproduce import SHARED, record_text, split_records
 
 from lowbit_ft import BlockLayout, quantize_model
 from lowbit_ft.adapters import attach, merge
@@ -23,8 +22,6 @@ from lowbit_ft.convert import dequantize_model
 from lowbit_ft.data import read_records
 from lowbit_ft.evaluate import perplexity
 from lowbit_ft.loading import load_model
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def main() -> None:
@@ -38,12 +35,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2")
-    records = read_records(str(SHARED / "ni_train.jsonl"))
-    order = list(range(len(records)))
-    random.Random(42).shuffle(order)
-    held_out = [records[i] for i in order[-args.perplexity_samples:]]
-    texts = [f"{records[i]['instruction']}\n{records[i].get('input') or ''}\n{records[i]['output']}"
-             for i in order[: args.calibration_records]]
+    calibration, held_out = split_records(read_records(str(SHARED / "ni_train.jsonl")), args.calibration_records,
+                                          args.perplexity_samples)
+    texts = list(map(record_text, calibration))
     batches = [torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"][: args.max_length]]) for t in texts]
     concat = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"][: 16 * 256]
     gptq_calibration = torch.tensor(concat).reshape(16, 256)

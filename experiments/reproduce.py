@@ -39,8 +39,9 @@ import torch
 from torch import nn
 
 from lowbit_ft import BlockLayout, quantize_model
-from lowbit_ft.adapters import merge, merge_dense
+from lowbit_ft.adapters import load_adapters, merge, merge_dense, save_adapters
 from lowbit_ft.adapters.quant_error import init_from_quant_error
+from lowbit_ft.base import fingerprint
 from lowbit_ft.convert import dequantize_model
 from lowbit_ft.data import InstructionDataModule, read_records
 from lowbit_ft.evaluate import evaluate_task, perplexity, read_task
@@ -52,7 +53,13 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("science_qa", "goal_step_wikihow", "winogrande")  # the sets that separate models at 135M
 FAMILIES = ("base", "lora", "qa_lora", "qa_hira", "q_bara")  # row groups --only picks from
 METRIC = "acc"  # summed log-likelihood, the shared data README's headline column
-ROW_PICKERS = ("output", "only", "report_only", "bits", "seeds", "inits", "ptq")
+# flags that pick rows or say where files go; they change no row (every row's key holds its bits, seed and
+# init), so runs that differ only in them share a rows file
+NOT_IN_CONFIG = ("output", "adapters", "only", "report_only", "bits", "seeds", "inits", "ptq", "merged_only")
+# what a trained adapter depends on besides its run (method, base, start, seed): saved adapters are reused only
+# by runs that agree on all of these
+TRAINING = ("model", "train_data", "group_size", "hira_block", "steps", "batch_size", "max_length", "lr", "warmup",
+            "pooling", "r", "alpha", "calibration_samples", "calibration_length")
 SCORES_VERSION = 3  # 3: typed row keys (2: display names; 1: perplexity of the full text); others are not reused
 
 
@@ -140,15 +147,22 @@ def record_text(record: dict) -> str:
     return f"{record['instruction']}\n{record.get('input') or ''}\n{record['output']}"
 
 
+def split_records(records: list[dict], train: int, held_out: int) -> tuple[list[dict], list[dict]]:
+    """(the first `train` records, the last `held_out` ones) of the seeded shuffle InstructionDataModule uses:
+    training reads the head of that order, so its tail is never trained on (held-out perplexity text)."""
+    order = list(range(len(records)))
+    random.Random(DEFAULT_SEED).shuffle(order)
+    return [records[i] for i in order[:train]], [records[i] for i in order[train:][-held_out:]]
+
+
 class Reproduction:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.out = Path(args.output)
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows_path = self.out / "rows.jsonl"
-        # these flags pick rows (every row's key holds its bits, seed and init), they change none: runs that
-        # differ only in them share a rows file
-        config = {k: v for k, v in vars(args).items() if k not in ROW_PICKERS}
+        self.adapters = Path(args.adapters) if args.adapters else self.out / "adapters"
+        config = {k: v for k, v in vars(args).items() if k not in NOT_IN_CONFIG}
         config["scores"] = SCORES_VERSION
         config_path = self.out / "config.json"
         if self.rows_path.exists() and json.loads(config_path.read_text()) != config:
@@ -157,17 +171,13 @@ class Reproduction:
         self.rows = read_rows(self.rows_path) if self.rows_path.exists() else []
         self.fp_model, self.tokenizer = load_model(args.model)
         self.fp_model.eval()
-        records = read_records(args.train_data)
-        order = list(range(len(records)))
-        # the same seeded shuffle as InstructionDataModule: training reads order[:train_records], so
-        # the tail of the order is never trained on and gives held-out perplexity text
-        random.Random(DEFAULT_SEED).shuffle(order)
         self.train_records = args.steps * args.batch_size
-        self.ppl_records = [records[i] for i in order[self.train_records:][-args.perplexity_samples:]]
+        trained_on, self.ppl_records = split_records(read_records(args.train_data), self.train_records,
+                                                     args.perplexity_samples)
         if len(self.ppl_records) < args.perplexity_samples:
             raise SystemExit(f"--perplexity-samples {args.perplexity_samples}: only {len(self.ppl_records)} records "
                              "are left after the training ones (--steps × --batch-size); ask for fewer")
-        calibration_text = "\n\n".join(record_text(records[i]) for i in order[: self.train_records])
+        calibration_text = "\n\n".join(map(record_text, trained_on))
         ids = self.tokenizer(calibration_text, add_special_tokens=False)["input_ids"]
         need = args.calibration_samples * args.calibration_length
         ids = (ids * (need // max(len(ids), 1) + 1))[:need]  # repeated only in --smoke-sized runs
@@ -187,9 +197,25 @@ class Reproduction:
             self.bases[key] = quantize_model(copy.deepcopy(self.fp_model), layout, method, calibration=calibration)
         return copy.deepcopy(self.bases[key])
 
-    def train(self, base: nn.Module, adapter: str, seed: int, init: str = "zero") -> tuple[nn.Module, list[float]]:
-        """Fine-tune `adapter` on `base`: the trained model and its per-step training loss."""
+    def train(self, layout: BlockLayout, quantizer: str, adapter: str, seed: int,
+              init: str = "zero") -> tuple[nn.Module, list[float]]:
+        """Fine-tune `adapter` on the `quantizer` INT-b `layout` base: the trained model and its per-step training
+        loss. The adapters go to ADAPTERS/<run>.safetensors (the loss, training settings and base fingerprint
+        beside them, .json); a run whose file is there already loads it instead of training (e.g. to rescore with
+        other --limit), if it was trained with the same settings on the very same base."""
         a = self.args
+        base = self.base(layout, quantizer)
+        path = self.adapters / f"{adapter}_int{layout.bits}_{layout.block_out}x{layout.block_in}_{quantizer}_{init}" \
+                               f"_seed{seed}.safetensors"
+        training = {k: getattr(a, k) for k in TRAINING} | {"base": fingerprint(base)}
+        if path.exists():
+            saved = json.loads(path.with_suffix(".json").read_text())
+            if saved["training"] != training:
+                differ = sorted(k for k in training if saved["training"].get(k) != training[k])
+                raise SystemExit(f"{path} was trained with other {', '.join(differ)}; "
+                                 "choose another --adapters folder (or --output)")
+            print(f"    {path.name}: trained adapters loaded, not retrained", flush=True)
+            return load_adapters(base, path).eval(), saved["losses"]
         L.seed_everything(seed, verbose=False)
         pooled = adapter in ("qa_lora", "qa_hira")
         module = GivenBase(base=a.model, adapter=adapter, r=a.r, alpha=a.alpha, lr=a.lr, warmup_steps=a.warmup,
@@ -204,6 +230,8 @@ class Reproduction:
                             num_sanity_val_steps=0, enable_checkpointing=False, logger=False,
                             enable_model_summary=False, enable_progress_bar=not a.smoke, callbacks=[log := LossLog()])
         trainer.fit(module, datamodule=data)
+        save_adapters(module.model, path)
+        path.with_suffix(".json").write_text(json.dumps({"training": training, "losses": log.losses}))
         return module.model.eval(), log.losses
 
     def score(self, model: nn.Module) -> dict:
@@ -232,7 +260,7 @@ class Reproduction:
     def lora_merged(self, seed: int) -> tuple[nn.Module, list[float]]:
         """LoRA trained on the GPTQ INT4 base and merged into dense fp16 weights (QLoRA's deployment)."""
         if seed not in self.lora_fp16:
-            trained, losses = self.train(self.base(BlockLayout.group(4, self.args.group_size)), "lora", seed)
+            trained, losses = self.train(BlockLayout.group(4, self.args.group_size), "gptq", "lora", seed)
             self.lora_fp16[seed] = merge_dense(trained, torch.float16).float(), losses  # fp16 values, float32 math
         return self.lora_fp16[seed]
 
@@ -271,18 +299,22 @@ class Reproduction:
             for init in a.inits if adapter in wanted else ():
                 quantizer = "rtn" if init == "quant_error" else "gptq"  # the start is for RTN bases
                 on_key = RowKey(adapter, "adapter-on", bits, quantizer, init, seed)
-                if self.done(on_key) and self.done(on_key.paired("merged")):
+                merged_key = on_key.paired("merged")
+                if self.done(merged_key) and (a.merged_only or self.done(on_key)):
                     continue
                 t = time.perf_counter()
-                trained, losses = self.train(self.base(layout, quantizer), adapter, seed, init)
+                trained, losses = self.train(layout, quantizer, adapter, seed, init)
+                if a.merged_only:
+                    self.add(merged_key, merge(trained), t, train_loss=losses)
+                    continue
                 on = self.add(on_key, trained, t, train_loss=losses)
-                merged = self.add(on_key.paired("merged"), merge(trained), time.perf_counter())
+                merged = self.add(merged_key, merge(trained), time.perf_counter())
                 same = {task: on["tasks"][task]["predictions"] == merged["tasks"][task]["predictions"]
                         for task in a.tasks}
                 print(f"    merged picks the same answer as adapter-on on every item: {same}", flush=True)
         if "q_bara" in wanted and not self.done(key := RowKey("q_bara", "merged fp16", bits, "gptq", seed=seed)):
             t = time.perf_counter()
-            trained, losses = self.train(self.base(group), "q_bara", seed)
+            trained, losses = self.train(group, "gptq", "q_bara", seed)
             self.add(key, merge_dense(trained, torch.float16).float(), t, train_loss=losses)
 
 
@@ -487,7 +519,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=FAMILIES, default=list(FAMILIES),
                         help="rows to run: base (16-bit and GPTQ bases), lora (LoRA merged fp16, + --ptq), "
                              "qa_lora, qa_hira, q_bara (adapter-on and merged)")
+    parser.add_argument("--merged-only", action="store_true",
+                        help="score QA-LoRA / QA-HiRA merged only, not also adapter-on (halves their scoring; for runs "
+                             "whose merge was already compared item by item, e.g. full-set rescoring)")
     parser.add_argument("--output", default="docs/results/run", help="folder for rows.jsonl, results.md and the plots")
+    parser.add_argument("--adapters", default=None,
+                        help="folder of the trained adapters (default OUTPUT/adapters): runs found there are loaded, "
+                             "not retrained, if their training settings match")
     parser.add_argument("--report-only", action="store_true",
                         help="only rewrite results.md and the plot from OUTPUT/rows.jsonl (same task/eval flags)")
     parser.add_argument("--smoke", action="store_true", help="a tiny random LLaMA and 2 items per task")

@@ -1,8 +1,9 @@
 """GPTQ (Frantar et al., 2023): second-order quantization with calibration data, act-order off, so the
 blocks stay contiguous and every adapter merge rule still applies.
 
-For each decoder block, in order, the inputs its linears see (from the already-quantized blocks before
-it) give H = 2·XᵀX per linear; columns are then quantized left to right, each rounding error spread
+For each decoder block, in order, and within it for each group of linears fed one input (q/k/v, o,
+gate/up, down: "true sequential"), the inputs they see from everything quantized before them give
+H = 2·XᵀX per linear; columns are then quantized left to right, each rounding error spread
 over the not-yet-quantized columns through the inverse Hessian's Cholesky factor. Block scales and
 zeros are fixed, min-max, on the error-updated weights when the quantizer reaches a block's first
 column (GPTQ's "groups", generalised to (block_out, block_in) blocks).
@@ -74,14 +75,13 @@ class _Hessian:
         self.h, self.n, self.shared = torch.zeros(dim, dim, dtype=torch.float32, device=device), 0, shared
 
     def __call__(self, _module, args, _output) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1])
-        key = (args[0].data_ptr(), tuple(args[0].shape))
-        if key not in self.shared:
-            self.shared.clear()  # only the latest input can be shared
-            xf = x.float()
-            self.shared[key] = xf.t() @ xf
-        total = self.n + x.shape[0]
-        self.h.mul_(self.n / total).add_(self.shared[key], alpha=2 / total)
+        # the input itself is the key, held so it stays alive: an address would match the next batch's input,
+        # which the allocator often puts where this one was freed
+        if self.shared.get("input") is not args[0]:
+            xf = args[0].reshape(-1, args[0].shape[-1]).float()
+            self.shared.update(input=args[0], xtx=xf.t() @ xf, rows=xf.shape[0])
+        total = self.n + self.shared["rows"]
+        self.h.mul_(self.n / total).add_(self.shared["xtx"], alpha=2 / total)
         self.n = total
 
 
@@ -93,8 +93,9 @@ def gptq_quantize_model(model: nn.Module, layout: BlockLayout, calibration: torc
                         progress: bool = True) -> nn.Module:
     """Quantize a HF LLaMA-family model in place with GPTQ, block by block, on `calibration` token ids: one
     (batch × seq) tensor, or a list of them (e.g. one (1 × len) tensor per record, so records of any length
-    calibrate without padding). Later blocks are calibrated on the outputs of the already-quantized earlier
-    ones. `names`: the linears to quantize (default: every target linear; see `convert.quantizable`).
+    calibrate without padding). Every linear is calibrated on what the already-quantized linears before it
+    (earlier blocks, earlier groups of its own block) give it. `names`: the linears to quantize (default:
+    every target linear; see `convert.quantizable`).
     `device`: where each decoder block is calibrated and quantized, one block at a time (default: CUDA when
     there is one, so a model loaded on the CPU is quantized on the GPU without ever being there whole)."""
     batches = [calibration] if torch.is_tensor(calibration) else list(calibration)
@@ -104,7 +105,8 @@ def gptq_quantize_model(model: nn.Module, layout: BlockLayout, calibration: torc
     for name in names:  # every shape first: a misfit must not leave the model half quantized
         linear = model.get_submodule(name)
         layout.check(linear.out_features, linear.in_features, name=name)
-    for hessians in calibrated_blocks(model, names, batches, device=device, desc=f"GPTQ {layout}", progress=progress):
+    for hessians in calibrated_blocks(model, names, batches, sequential=True, device=device, desc=f"GPTQ {layout}",
+                                      progress=progress):
         for name, hessian in hessians.items():
             linear = model.get_submodule(name)
             quantized = gptq_quantize(linear.weight, hessian, layout, symmetric=symmetric, scale_dtype=scale_dtype,
@@ -115,13 +117,17 @@ def gptq_quantize_model(model: nn.Module, layout: BlockLayout, calibration: torc
 
 
 @torch.no_grad()
-def calibrated_blocks(model: nn.Module, names: list[str], batches: list[torch.Tensor], *,
+def calibrated_blocks(model: nn.Module, names: list[str], batches: list[torch.Tensor], *, sequential: bool = False,
                       device: torch.device | str | None = None, desc: str = "calibrating",
                       progress: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Walk a HF LLaMA-family model's decoder blocks in order, feeding each the previous block's outputs on
     `batches` (token-id tensors), and yield per block {linear name: H = 2·XᵀX / n of its inputs} for the
-    linears of `names` in it. The consumer may change the block before asking for the next (GPTQ quantizes
-    it): the next block's inputs are this block's outputs as the consumer left it. Each block runs on
+    linears of `names` in it. The consumer may change what it was given before asking for the next (GPTQ
+    quantizes it): the next block's inputs are this block's outputs as the consumer left it.
+
+    `sequential` (GPTQ's "true sequential"): yield each block's linears in groups of those fed one input,
+    in the order the forward calls them (q/k/v, o, gate/up, down), each group's H measured after the groups
+    before it were changed, so o_proj is calibrated on what the quantized q/k/v give it. Each block runs on
     `device` (default: CUDA when there is one), one at a time."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks = model.model.layers
@@ -130,21 +136,47 @@ def calibrated_blocks(model: nn.Module, names: list[str], batches: list[torch.Te
         home = next(decoder.parameters()).device
         decoder.to(device)
         prefix = f"model.layers.{index}."
-        linears = {n: model.get_submodule(n) for n in names if n.startswith(prefix)}
-        shared: dict = {}
-        hessians = {n: _Hessian(m.in_features, shared, device) for n, m in linears.items()}
-        handles = [m.register_forward_hook(hessians[n]) for n, m in linears.items()]
-        try:
-            for hidden, kwargs in inputs:
-                decoder(hidden, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        yield {name: hessian.h for name, hessian in hessians.items()}
+        in_block = [n for n in names if n.startswith(prefix)]
+        for group in _input_groups(model, decoder, in_block, inputs[0]) if sequential else [in_block]:
+            shared: dict = {}
+            linears = {n: model.get_submodule(n) for n in group}
+            hessians = {n: _Hessian(m.in_features, shared, device) for n, m in linears.items()}
+            handles = [m.register_forward_hook(hessians[n]) for n, m in linears.items()]
+            try:
+                for hidden, kwargs in inputs:
+                    decoder(hidden, **kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            yield {name: hessian.h for name, hessian in hessians.items()}
         inputs = [(_hidden(decoder(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
         decoder.to(home)
     if not all(math.isfinite(float(hidden.float().abs().max())) for hidden, _ in inputs):
         raise ValueError(f"{desc}: non-finite activations; raise damp or check the calibration data")
+
+
+def _input_groups(model: nn.Module, decoder: nn.Module, names: list[str], batch: tuple) -> list[list[str]]:
+    """`names` (linears of `decoder`) grouped by the input tensor they are fed, in the order the forward calls
+    them, from one forward on `batch` (hidden, kwargs)."""
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+
+    def record(name: str):
+        def hook(_module, args, _output) -> None:
+            for fed, group in groups:
+                if fed is args[0]:  # held in `groups`, so no later tensor can take its place
+                    group.append(name)
+                    return
+            groups.append((args[0], [name]))
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
+    try:
+        hidden, kwargs = batch
+        decoder(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return [group for _, group in groups]
 
 
 def _to(value, device: torch.device):

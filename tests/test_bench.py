@@ -61,6 +61,28 @@ def test_reproduce_smoke(tmp_path):
                             "--report-only", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (tmp_path / "run" / "results.md").read_text() == report
+    # every fine-tuning run saved its adapters; a rerun of some rows loads them instead of training, same scores
+    assert len(list((tmp_path / "run" / "adapters").glob("*.safetensors"))) == 2 * 6  # per seed: LoRA, Q-BaRA, 2 × 2
+    (tmp_path / "run" / "rows.jsonl").unlink()
+    rescored = subprocess.run([sys.executable, str(EXPERIMENTS / "reproduce.py"), "--smoke", "--bits", "3", "--seeds",
+                               "43", "--only", "lora", "qa_lora", "--inits", "quant_error", "--ptq", "gptq",
+                               "--merged-only", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert rescored.returncode == 0, rescored.stderr[-2000:]
+    assert rescored.stdout.count("trained adapters loaded, not retrained") == 2  # LoRA, QA-LoRA
+    again_rows = reproduce.read_rows(tmp_path / "run" / "rows.jsonl")
+    assert [r["key"].stage for r in again_rows] == ["merged fp16", "+ GPTQ", "merged"]  # LoRA's two, QA-LoRA merged
+    for row in again_rows:
+        first = by_key[row["key"]]
+        assert row["perplexity"] == pytest.approx(first["perplexity"], rel=1e-6)
+        trained = by_key[row["key"].paired("adapter-on")] if row["key"].stage == "merged" else first
+        assert row["train_loss"] == trained["train_loss"]  # the saved losses
+        for task, scores in row["tasks"].items():
+            assert scores["predictions"] == first["tasks"][task]["predictions"]
+    other = subprocess.run([sys.executable, str(EXPERIMENTS / "reproduce.py"), "--smoke", "--bits", "3", "--seeds",
+                            "43", "--only", "qa_lora", "--inits", "quant_error", "--lr", "0.5", "--output",
+                            str(tmp_path / "b"), "--adapters", str(tmp_path / "run" / "adapters")],
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "was trained with other lr, " in other.stderr  # never reused silently
 
 
 def load_reproduce():

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from lowbit_ft import BlockLayout, QuantLinear, quantize_model
-from lowbit_ft.convert import quant_layers
-from lowbit_ft.gptq import gptq_quantize
+from lowbit_ft.convert import quant_layers, target_linears
+from lowbit_ft.gptq import calibrated_blocks, gptq_quantize
 from lowbit_ft.quantizer import rtn
 
 from .conftest import make_tiny_llama
@@ -54,3 +54,38 @@ def test_gptq_on_a_tiny_llama_beats_rtn(tokens):
 def test_gptq_needs_calibration(tiny_llama):
     with pytest.raises(ValueError, match=r"method='gptq' needs calibration token ids"):
         quantize_model(tiny_llama, BlockLayout.group(4, 32), "gptq")
+
+
+def test_calibration_hessians_cover_every_batch():
+    """Each linear's H = 2·XᵀX / n over all calibration batches: the mean of the per-batch Hessians (equal token
+    counts). Linears fed the same tensor share one XᵀX; the next batch's input, allocated where the freed one
+    was, must not pass for it (that reused batch 1's XᵀX for later batches, and varied from process to process)."""
+    model = make_tiny_llama()
+    names = target_linears(model)
+    batches = [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    together = next(calibrated_blocks(model, names, batches, progress=False))
+    alone = [next(calibrated_blocks(model, names, [batch], progress=False)) for batch in batches]
+    assert len(together) == 7
+    for name, hessian in together.items():
+        torch.testing.assert_close(hessian, sum(h[name] for h in alone) / len(batches), rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_calibration_measures_each_group_after_the_ones_before_it_changed():
+    """sequential=True yields a block's linears by shared input in call order (q/k/v, o, gate/up, down); what the
+    consumer does to one group changes the next group's H, as GPTQ's true-sequential order needs."""
+    model = make_tiny_llama()
+    names = target_linears(model)
+    batches = [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))]
+    plain = next(calibrated_blocks(model, names, batches, progress=False))
+    groups, hessians = [], {}
+    for group in calibrated_blocks(model, names, batches, sequential=True, progress=False):
+        if not group.keys() <= {n for n in names if n.startswith("model.layers.0.")}:
+            break
+        groups.append(sorted(n.split(".")[-1] for n in group))
+        hessians.update(group)
+        for name in group:  # what GPTQ does in effect: the layer's output changes
+            model.get_submodule(name).weight.data.mul_(0.5)
+    assert groups == [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    for name in plain:
+        same = torch.allclose(hessians[name], plain[name], rtol=1e-5, atol=1e-6)
+        assert same == name.endswith(("q_proj", "k_proj", "v_proj")), name  # only the first group's input is as before
