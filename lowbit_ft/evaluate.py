@@ -7,6 +7,7 @@ accuracy is reported for the sum, per token and per character, with chance = mea
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -33,6 +34,12 @@ def read_task(path: str | Path) -> list[dict]:
     return items
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name under which this transformers version takes and returns the key/value cache: `cache` from
+    transformers 5.x on (which warns on the old name), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def choice_logprobs(model: nn.Module, tokenizer, question: str, choices: list[str]) -> list[tuple[float, int]]:
     """(sum of log-probs, token count) of each " " + choice after the question.
@@ -48,7 +55,8 @@ def choice_logprobs(model: nn.Module, tokenizer, question: str, choices: list[st
     device = next(model.parameters()).device
     prefix = model(input_ids=torch.tensor([context], device=device), use_cache=True, logits_to_keep=1)
     first = prefix.logits[0, -1].float().log_softmax(-1)  # predicts every choice's first token
-    cache = prefix.past_key_values
+    name = cache_argument(model)
+    cache = getattr(prefix, name)
     cache.batch_repeat_interleave(len(choices))
     width = max(map(len, continuations))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -58,7 +66,7 @@ def choice_logprobs(model: nn.Module, tokenizer, question: str, choices: list[st
     for i, row in enumerate(continuations):
         ids[i, : len(row)], mask[i, len(context): len(context) + len(row)] = torch.tensor(row), 1
     logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                     past_key_values=cache).logits.float().log_softmax(-1)
+                     **{name: cache}).logits.float().log_softmax(-1)
     out = []
     for i, row in enumerate(continuations):
         targets = torch.tensor(row[1:], device=device)

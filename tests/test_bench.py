@@ -25,9 +25,7 @@ def test_reproduce_smoke(tmp_path):
     the seed spread) and the plot written, and --report-only rebuilding the same report from the typed rows."""
     reproduce = load_reproduce()
     RowKey = reproduce.RowKey
-    done = subprocess.run([sys.executable, str(EXPERIMENTS / "reproduce.py"), "--smoke", "--bits", "3", "--seeds", "42",
-                           "43", "--inits", "zero", "quant_error", "--output", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    done = run_reproduce("--seeds", "42", "43", "--inits", "zero", "quant_error", "--output", tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = reproduce.read_rows(tmp_path / "run" / "rows.jsonl")
     keys = [r["key"] for r in rows]
@@ -57,16 +55,14 @@ def test_reproduce_smoke(tmp_path):
     assert (tmp_path / "run" / "accuracy_vs_bits.png").stat().st_size > 10_000
     assert (tmp_path / "run" / "loss_curves.png").stat().st_size > 10_000
     (tmp_path / "run" / "results.md").unlink()  # --report-only rebuilds the same report from the rows alone
-    again = subprocess.run([sys.executable, str(EXPERIMENTS / "reproduce.py"), "--smoke", "--bits", "3",
-                            "--report-only", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    again = run_reproduce("--report-only", "--output", tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (tmp_path / "run" / "results.md").read_text() == report
     # every fine-tuning run saved its adapters; a rerun of some rows loads them instead of training, same scores
     assert len(list((tmp_path / "run" / "adapters").glob("*.safetensors"))) == 2 * 6  # per seed: LoRA, Q-BaRA, 2 × 2
     (tmp_path / "run" / "rows.jsonl").unlink()
-    rescored = subprocess.run([sys.executable, str(EXPERIMENTS / "reproduce.py"), "--smoke", "--bits", "3", "--seeds",
-                               "43", "--only", "lora", "qa_lora", "--inits", "quant_error", "--ptq", "gptq",
-                               "--merged-only", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    rescored = run_reproduce("--seeds", "43", "--only", "lora", "qa_lora", "--inits", "quant_error", "--ptq", "gptq",
+                             "--merged-only", "--output", tmp_path)
     assert rescored.returncode == 0, rescored.stderr[-2000:]
     assert rescored.stdout.count("trained adapters loaded, not retrained") == 2  # LoRA, QA-LoRA
     again_rows = reproduce.read_rows(tmp_path / "run" / "rows.jsonl")
@@ -78,11 +74,15 @@ def test_reproduce_smoke(tmp_path):
         assert row["train_loss"] == trained["train_loss"]  # the saved losses
         for task, scores in row["tasks"].items():
             assert scores["predictions"] == first["tasks"][task]["predictions"]
-    other = subprocess.run([sys.executable, str(EXPERIMENTS / "reproduce.py"), "--smoke", "--bits", "3", "--seeds",
-                            "43", "--only", "qa_lora", "--inits", "quant_error", "--lr", "0.5", "--output",
-                            str(tmp_path / "b"), "--adapters", str(tmp_path / "run" / "adapters")],
-                           capture_output=True, text=True, timeout=300)
+    other = run_reproduce("--seeds", "43", "--only", "qa_lora", "--inits", "quant_error", "--lr", "0.5",
+                          "--output", tmp_path / "b", "--adapters", tmp_path / "run" / "adapters")
     assert other.returncode != 0 and "was trained with other lr, " in other.stderr  # never reused silently
+
+
+def run_reproduce(*flags, timeout: int = 300) -> subprocess.CompletedProcess:
+    """experiments/reproduce.py --smoke at INT3 with `flags` (paths allowed), in a fresh process."""
+    command = [sys.executable, str(EXPERIMENTS / "reproduce.py"), "--smoke", "--bits", "3", *map(str, flags)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
 def load_reproduce():

@@ -1,6 +1,7 @@
 """Log-likelihood scoring against a brute-force recomputation, on hand-made task files."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -39,6 +40,22 @@ def test_batched_scores_equal_the_brute_force_ones(lm):
         for (score, n), choice in zip(batched, item["choices"], strict=True):
             want, want_n = brute_force(model, tokenizer, item["question"], choice)
             assert n == want_n and abs(score - want) < 1e-4
+
+
+def test_scoring_uses_the_cache_argument_without_deprecation_warnings(lm):
+    """transformers 5 renamed past_key_values to cache and warns (once per process) on the old name."""
+    model, tokenizer = lm
+    logging.Logger.warning_once.cache_clear()  # transformers' once-only cache: a warning given before counts again
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        choice_logprobs(model, tokenizer, ITEMS[0]["question"], ITEMS[0]["choices"])
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in seen if r.levelno >= logging.WARNING] == []
 
 
 def test_known_answers_score_one_and_zero(lm, tmp_path):
