@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -43,7 +44,8 @@ def test_batched_scores_equal_the_brute_force_ones(lm):
 
 
 def test_scoring_uses_the_cache_argument_without_deprecation_warnings(lm):
-    """transformers 5 renamed past_key_values to cache and warns (once per process) on the old name."""
+    """transformers 5 renamed past_key_values to cache: the old name gets a FutureWarning (removal in 5.40)
+    and a logged warning (once per process), on every scoring run."""
     model, tokenizer = lm
     logging.Logger.warning_once.cache_clear()  # transformers' once-only cache: a warning given before counts again
     seen = []
@@ -52,10 +54,13 @@ def test_scoring_uses_the_cache_argument_without_deprecation_warnings(lm):
     logger = logging.getLogger("transformers")
     logger.addHandler(handler)
     try:
-        choice_logprobs(model, tokenizer, ITEMS[0]["question"], ITEMS[0]["choices"])
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            choice_logprobs(model, tokenizer, ITEMS[0]["question"], ITEMS[0]["choices"])
     finally:
         logger.removeHandler(handler)
     assert [r.getMessage() for r in seen if r.levelno >= logging.WARNING] == []
+    assert [str(w.message) for w in warned if "cache" in str(w.message)] == []
 
 
 def test_known_answers_score_one_and_zero(lm, tmp_path):
