@@ -45,6 +45,7 @@ from lowbit_ft.base import fingerprint
 from lowbit_ft.convert import dequantize_model
 from lowbit_ft.data import InstructionDataModule, read_records
 from lowbit_ft.evaluate import evaluate_task, perplexity, read_task
+from lowbit_ft.fsutil import write_json
 from lowbit_ft.loading import load_model
 from lowbit_ft.module import LowBitModule
 from lowbit_ft.quiet import quiet_lightning
@@ -208,8 +209,9 @@ class Reproduction:
         path = self.adapters / f"{adapter}_int{layout.bits}_{layout.block_out}x{layout.block_in}_{quantizer}_{init}" \
                                f"_seed{seed}.safetensors"
         training = {k: getattr(a, k) for k in TRAINING} | {"base": fingerprint(base)}
-        if path.exists():
-            saved = json.loads(path.with_suffix(".json").read_text())
+        record = path.with_suffix(".json")  # written last: without it the run was cut off and is trained anew
+        if record.exists():
+            saved = json.loads(record.read_text())
             if saved["training"] != training:
                 differ = sorted(k for k in training if saved["training"].get(k) != training[k])
                 raise SystemExit(f"{path} was trained with other {', '.join(differ)}; "
@@ -230,8 +232,8 @@ class Reproduction:
                             num_sanity_val_steps=0, enable_checkpointing=False, logger=False,
                             enable_model_summary=False, enable_progress_bar=not a.smoke, callbacks=[log := LossLog()])
         trainer.fit(module, datamodule=data)
-        save_adapters(module.model, path)
-        path.with_suffix(".json").write_text(json.dumps({"training": training, "losses": log.losses}))
+        save_adapters(module.model, path, overwrite=True)
+        write_json(record, {"training": training, "losses": log.losses})
         return module.model.eval(), log.losses
 
     def score(self, model: nn.Module) -> dict:

@@ -11,8 +11,9 @@ column (GPTQ's "groups", generalised to (block_out, block_in) blocks).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -141,13 +142,9 @@ def calibrated_blocks(model: nn.Module, names: list[str], batches: list[torch.Te
             shared: dict = {}
             linears = {n: model.get_submodule(n) for n in group}
             hessians = {n: _Hessian(m.in_features, shared, device) for n, m in linears.items()}
-            handles = [m.register_forward_hook(hessians[n]) for n, m in linears.items()]
-            try:
+            with _forward_hooks({m: hessians[n] for n, m in linears.items()}):
                 for hidden, kwargs in inputs:
                     decoder(hidden, **kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
             yield {name: hessian.h for name, hessian in hessians.items()}
         inputs = [(_hidden(decoder(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
         decoder.to(home)
@@ -169,14 +166,21 @@ def _input_groups(model: nn.Module, decoder: nn.Module, names: list[str], batch:
             groups.append((args[0], [name]))
         return hook
 
-    handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
-    try:
+    with _forward_hooks({model.get_submodule(n): record(n) for n in names}):
         hidden, kwargs = batch
         decoder(hidden, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
     return [group for _, group in groups]
+
+
+@contextlib.contextmanager
+def _forward_hooks(hooks: dict[nn.Module, Callable]) -> Iterator[None]:
+    """Each module's forward hook registered for the `with` body, and removed after it, also on errors."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _to(value, device: torch.device):
