@@ -202,8 +202,8 @@ class Reproduction:
               init: str = "zero") -> tuple[nn.Module, list[float]]:
         """Fine-tune `adapter` on the `quantizer` INT-b `layout` base: the trained model and its per-step training
         loss. The adapters go to ADAPTERS/<run>.safetensors (the loss, training settings and base fingerprint
-        beside them, .json); a run whose file is there already loads it instead of training (e.g. to rescore with
-        other --limit), if it was trained with the same settings on the very same base."""
+        beside them, .json, written last); a run whose .json is there already loads its adapters instead of training
+        (e.g. to rescore with other --limit), if it was trained with the same settings on the very same base."""
         a = self.args
         base = self.base(layout, quantizer)
         path = self.adapters / f"{adapter}_int{layout.bits}_{layout.block_out}x{layout.block_in}_{quantizer}_{init}" \
