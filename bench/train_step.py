@@ -31,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from lowbit_ft import BlockLayout, QuantLinear  # noqa: E402
 from lowbit_ft.adapters import attach  # noqa: E402
 from lowbit_ft.adapters.lora import LoRA  # noqa: E402
-from lowbit_ft.convert import set_submodule, target_linears  # noqa: E402
+from lowbit_ft.quant.modules import set_submodule, target_linears  # noqa: E402
 
 
 class DenseWithLoRA(nn.Module):

@@ -5,8 +5,7 @@ Installed as `lowbit_ft.callbacks`."""
 
 from lowbit_ft.callbacks.demo import DemoReport
 from lowbit_ft.callbacks.export import QuantizedExport
-from lowbit_ft.callbacks.merge_check import MergeCheck, MergeMismatchError, check_merge
+from lowbit_ft.callbacks.merge_check import MergeCheck
 from lowbit_ft.callbacks.progress import ParameterLine, StepProgressBar
 
-__all__ = ["DemoReport", "MergeCheck", "MergeMismatchError", "ParameterLine", "QuantizedExport", "StepProgressBar",
-           "check_merge"]
+__all__ = ["DemoReport", "MergeCheck", "ParameterLine", "QuantizedExport", "StepProgressBar"]

@@ -15,10 +15,10 @@ import torch
 
 from lowbit_ft.callbacks.export import QuantizedExport
 from lowbit_ft.callbacks.merge_check import MergeCheck
-from lowbit_ft.convert import quant_layers
-from lowbit_ft.data import format_prompt
 from lowbit_ft.dtypes import dtype_name
-from lowbit_ft.generate import generate_answers
+from lowbit_ft.evaluation.generate import generate_answers
+from lowbit_ft.quant.modules import quant_layers
+from lowbit_ft.records import format_prompt
 
 DEMO_PROMPTS = ({"instruction": "Write the text in uppercase.", "input": "silver rocket"},
                 {"instruction": "Sort the numbers in ascending order.", "input": "31, 4, 17, 9"})
@@ -101,6 +101,6 @@ class DemoReport(L.Callback):
         lines += [f"next                    lowbit-ft export --checkpoint {ckpt} --format gguf "
                   "--output out/demo-gguf   (or mlx, gptq, hf)",
                   f"                        lowbit-ft eval --model {export.path} --data "
-                  "../shared/data/eval_dev/science_qa.jsonl",
+                  "data/eval_dev/science_qa.jsonl",
                   f"                        lowbit-ft generate --model {export.path} --prompt \"…\""]
         return "\n".join(lines)

@@ -9,8 +9,9 @@ import lightning as L
 
 from lowbit_ft.callbacks.merge_check import MergeCheck
 from lowbit_ft.dtypes import parse_dtype
-from lowbit_ft.exporters import FORMATS, check, export
-from lowbit_ft.loading import load_tokenizer
+from lowbit_ft.formats.export import check, export
+from lowbit_ft.formats.load import load_tokenizer
+from lowbit_ft.formats.registry import get_format
 
 
 class QuantizedExport(L.Callback):
@@ -18,14 +19,13 @@ class QuantizedExport(L.Callback):
 
     Args:
         output: directory to write (refused if it exists, unless overwrite).
-        format: lowbit | gptq | gguf | mlx | hf (see lowbit_ft.exporters).
+        format: lowbit | gptq | gguf | mlx | hf, or a registered one (lowbit_ft.formats.registry).
         dtype: storage dtype of the non-quantized tensors: float16, bfloat16 or float32.
         overwrite: replace an existing output directory.
     """
 
     def __init__(self, output: str, format: str = "lowbit", dtype: str = "float16", overwrite: bool = False) -> None:
-        if format not in FORMATS:
-            raise ValueError(f"QuantizedExport format={format!r} is unknown: use one of {FORMATS}")
+        get_format(format, "QuantizedExport format")
         self.dtype = parse_dtype(dtype, "QuantizedExport dtype")
         self.output, self.format, self.overwrite = Path(output), format, overwrite
         self.path: Path | None = None

@@ -5,12 +5,16 @@ optimizer steps (step / max_steps, loss, tokens/s) instead of Lightning's per-ep
 
 from __future__ import annotations
 
+import sys
+
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from lowbit_ft.convert import quant_layers
+from lowbit_ft.progress import LineMixin, is_terminal
+from lowbit_ft.quant.modules import quant_layers
 
 #: progress-bar name of each metric the module logs with prog_bar=True
 SHOWN = {"train/loss": "loss", "train/tokens_per_s": "tok/s", "val/loss": "val_loss",
@@ -42,8 +46,28 @@ class ParameterLine(L.Callback):
         print(f"model                 {parameter_line(model)}", flush=True)
 
 
+class LineTqdm(LineMixin, Tqdm):
+    """Lightning's bar as plain periodic lines (stdout is a log file or a pipe)."""
+
+
 class StepProgressBar(TQDMProgressBar):
-    """One training bar over optimizer steps, kept across epochs: 'train 12/40 [loss=2.1, tok/s=950]'."""
+    """One training bar over optimizer steps, kept across epochs: 'train 12/40 [loss=2.1, tok/s=950]'. When
+    stdout is not a terminal, every bar is written as plain periodic lines instead."""
+
+    def _bar(self, **kwargs) -> Tqdm:
+        return (Tqdm if is_terminal(sys.stdout) else LineTqdm)(disable=self.is_disabled, dynamic_ncols=True,
+                                                               file=sys.stdout, bar_format=self.BAR_FORMAT, **kwargs)
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        return self._bar(desc=self.sanity_check_description, position=2 * self.process_position, leave=False)
+
+    def init_train_tqdm(self) -> Tqdm:
+        return self._bar(desc=self.train_description, position=2 * self.process_position, leave=True, smoothing=0)
+
+    def init_validation_tqdm(self) -> Tqdm:
+        has_main_bar = self.trainer.state.fn != "validate"
+        return self._bar(desc=self.validation_description, position=2 * self.process_position + has_main_bar,
+                         leave=not has_main_bar)
 
     def on_train_start(self, trainer: L.Trainer, *_) -> None:
         super().on_train_start(trainer)

@@ -1,10 +1,10 @@
 """The quant_error start before any training step, on SmolLM2-135M: held-out response perplexity of the RTN
 (and, for contrast, GPTQ) INT-b base with its adapters at zero and at the quant_error start.
 
-    python experiments/quant_error_start.py --bits 3 2          # ~10 min on 2 CPU cores
+    python experiments/quant_error_start.py --train-data TRAIN.jsonl --bits 3 2    # ~10 min on 2 CPU cores
 
-Same data as experiments/reproduce.py: calibration on the first records of the seeded shuffle of
-ni_train.jsonl (the training records), perplexity on records from its tail (never trained on)."""
+Same data as experiments/reproduce.py (give it the same --train-data): calibration on the first records of the
+seeded shuffle of TRAIN.jsonl (the training records), perplexity on records from its tail (never trained on)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,22 @@ import copy
 import time
 
 import torch
-from reproduce import SHARED, record_text, split_records
+from reproduce import record_text, split_records
 
 from lowbit_ft import BlockLayout, quantize_model
 from lowbit_ft.adapters import attach, merge
 from lowbit_ft.adapters.quant_error import init_from_quant_error
-from lowbit_ft.convert import dequantize_model
-from lowbit_ft.data import read_records
-from lowbit_ft.evaluate import perplexity
-from lowbit_ft.loading import load_model
+from lowbit_ft.evaluation.multiple_choice import perplexity
+from lowbit_ft.formats.load import load_model
+from lowbit_ft.quant.convert import dequantize_model
+from lowbit_ft.records import read_records
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-data", required=True,
+                        help="Alpaca .jsonl of experiments/reproduce.py's --train-data (natural-instructions' "
+                             "ni_train.jsonl): calibration and held-out perplexity records")
     parser.add_argument("--bits", nargs="+", type=int, default=[3, 2])
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--r", type=int, default=16, help="QA-LoRA rank (its start is the rank-r truncation)")
@@ -35,7 +38,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2")
-    calibration, held_out = split_records(read_records(str(SHARED / "ni_train.jsonl")), args.calibration_records,
+    calibration, held_out = split_records(read_records(args.train_data), args.calibration_records,
                                           args.perplexity_samples)
     texts = list(map(record_text, calibration))
     batches = [torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"][: args.max_length]]) for t in texts]

@@ -1,9 +1,13 @@
 """The QA-LoRA paper's comparison on a real model: fine-tune SmolLM2-135M on natural-instructions data
 at INT4/3/2 and score every method on the same multiple-choice sets and held-out perplexity.
 
-    python experiments/reproduce.py                          # CPU, reduced steps (about an hour on 2 cores)
-    python experiments/reproduce.py --steps 300 --limit 0    # the fuller run, on a GPU
-    python experiments/reproduce.py --smoke                  # a tiny random model in seconds (the test suite)
+    python experiments/reproduce.py --train-data TRAIN.jsonl      # CPU, reduced steps (about an hour on 2 cores)
+    python experiments/reproduce.py --train-data TRAIN.jsonl --steps 300 --limit 0    # the fuller run, on a GPU
+    python experiments/reproduce.py --smoke                       # a tiny random model in seconds (the test suite)
+
+--train-data (TRAIN.jsonl: the Alpaca-format natural-instructions records) has no default. --eval-data defaults
+to the repository's data/eval_dev, which holds science_qa and winogrande: with it, name those in --tasks (the
+default also scores goal_step_wikihow), or point --eval-data at a folder that holds every task.
 
 Rows (same data, steps, seed and hyper-parameters for every trained method):
   - the 16-bit base, and the GPTQ INT-b g base without fine-tuning;
@@ -16,8 +20,9 @@ Rows (same data, steps, seed and hyper-parameters for every trained method):
 Each row is a `RowKey` (method, stage, bits, base quantizer, init, seed), written with its scores to
 OUTPUT/rows.jsonl as soon as it is done: an interrupted run resumes where it stopped. `--seeds` repeats
 every trained row per seed.
-OUTPUT/results.md holds the tables, OUTPUT/accuracy_vs_bits.png the scores and OUTPUT/loss_curves.png the
-training loss of every fine-tuning run.
+From the rows, experiments/report.py writes OUTPUT/results.md (the tables), OUTPUT/accuracy_vs_bits.png (the
+scores) and OUTPUT/loss_curves.png (the training loss of every fine-tuning run); --report-only rewrites them
+from OUTPUT/rows.jsonl alone.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import random
 import sys
 import time
@@ -36,24 +40,24 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from report import DEFAULT_SEED, FAMILIES, METRIC, RowKey, read_rows, write_report
 from torch import nn
 
 from lowbit_ft import BlockLayout, quantize_model
 from lowbit_ft.adapters import load_adapters, merge, merge_dense, save_adapters
 from lowbit_ft.adapters.quant_error import init_from_quant_error
-from lowbit_ft.base import fingerprint
-from lowbit_ft.convert import dequantize_model
-from lowbit_ft.data import InstructionDataModule, read_records
-from lowbit_ft.evaluate import evaluate_task, perplexity, read_task
+from lowbit_ft.evaluation.multiple_choice import evaluate_task, perplexity
+from lowbit_ft.formats.cache import fingerprint
+from lowbit_ft.formats.load import load_model
 from lowbit_ft.fsutil import write_json
-from lowbit_ft.loading import load_model
-from lowbit_ft.module import LowBitModule
+from lowbit_ft.quant.convert import dequantize_model
 from lowbit_ft.quiet import quiet_lightning
+from lowbit_ft.records import read_records
+from lowbit_ft.train.data import InstructionDataModule
+from lowbit_ft.train.module import LowBitModule
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+EVAL_DATA = Path(__file__).resolve().parents[1] / "data" / "eval_dev"  # the repository's own copy
 TASKS = ("science_qa", "goal_step_wikihow", "winogrande")  # the sets that separate models at 135M
-FAMILIES = ("base", "lora", "qa_lora", "qa_hira", "q_bara")  # row groups --only picks from
-METRIC = "acc"  # summed log-likelihood, the shared data README's headline column
 # flags that pick rows or say where files go; they change no row (every row's key holds its bits, seed and
 # init), so runs that differ only in them share a rows file
 NOT_IN_CONFIG = ("output", "adapters", "only", "report_only", "bits", "seeds", "inits", "ptq", "merged_only")
@@ -61,55 +65,7 @@ NOT_IN_CONFIG = ("output", "adapters", "only", "report_only", "bits", "seeds", "
 # by runs that agree on all of these
 TRAINING = ("model", "train_data", "group_size", "hira_block", "steps", "batch_size", "max_length", "lr", "warmup",
             "pooling", "r", "alpha", "calibration_samples", "calibration_length")
-SCORES_VERSION = 3  # 3: typed row keys (2: display names; 1: perplexity of the full text); others are not reused
-
-
-STAGES = {  # stage → how the row's model is deployed
-    "16-bit": "the float model", "GPTQ base": "the GPTQ base, no fine-tuning", "merged fp16": "merged into fp16",
-    "+ RTN": "merged fp16, then RTN", "+ GPTQ": "merged fp16, then GPTQ", "adapter-on": "base + adapters",
-    "merged": "merged into the low-bit zeros",
-}
-NAMES = {"base": "", "lora": "LoRA", "qa_lora": "QA-LoRA", "qa_hira": "QA-HiRA", "q_bara": "Q-BaRA"}
-
-
-@dataclasses.dataclass(frozen=True)
-class RowKey:
-    """What a row is. `base` is the quantizer of the low-bit base it was trained on (or is), `init` the
-    adapters' start, `seed` the training seed (None for rows without training)."""
-
-    method: str  # one of FAMILIES
-    stage: str  # one of STAGES
-    bits: int
-    base: str | None = None  # "gptq" | "rtn"
-    init: str = "zero"
-    seed: int | None = None
-
-    @property
-    def notes(self) -> str:
-        notes = [f"{self.base.upper()} base"] if self.base == "rtn" else []
-        notes += [f"{self.init} start"] if self.init != "zero" else []
-        notes += [f"seed {self.seed}"] if self.seed not in (None, DEFAULT_SEED) else []
-        return ", ".join(notes)
-
-    @property
-    def run(self) -> str:
-        """The fine-tuning run the row comes from, e.g. 'QA-LoRA (RTN base, quant_error start)'."""
-        return f"{NAMES[self.method]} ({self.notes})" if self.notes else NAMES[self.method]
-
-    @property
-    def label(self) -> str:
-        """The table's name for the row, e.g. 'QA-LoRA, merged (RTN base, quant_error start)'."""
-        if self.method == "base":
-            return "16-bit base" if self.stage == "16-bit" else "GPTQ base"
-        name = NAMES[self.method]
-        text = f"{name} {self.stage}" if self.stage.startswith("+") else f"{name}, {self.stage}"
-        return f"{text} ({self.notes})" if self.notes else text
-
-    def paired(self, stage: str) -> RowKey:
-        return dataclasses.replace(self, stage=stage)
-
-
-DEFAULT_SEED = 42
+SCORES_VERSION = 3  # the rows' format: rows files of another version are not reused
 
 
 class LossLog(L.Callback):
@@ -129,7 +85,7 @@ class GivenBase(LowBitModule):
     given: list[nn.Module]
     start_from: tuple[nn.Module, list[torch.Tensor]] | None = None  # (float model, calibration) for quant_error
 
-    def load_base_model(self) -> nn.Module:
+    def load_base_model(self, spec, dtype, *, cache=True, cache_key=None) -> nn.Module:
         return self.given.pop()
 
     def on_fit_start(self) -> None:
@@ -285,7 +241,7 @@ class Reproduction:
                 self.add(key, self.base(group), t)
             for seed in a.seeds:
                 self.run_seed(bits, group, blocks, seed, wanted)
-        write_report(self.rows, a, self.out)
+        write_report(self.rows, a.tasks, a.eval_data, self.out)
         print(f"done in {(time.perf_counter() - started) / 60:.1f} min: {self.out / 'results.md'}")
 
     def run_seed(self, bits: int, group: BlockLayout, blocks: BlockLayout, seed: int, wanted: set[str]) -> None:
@@ -320,179 +276,15 @@ class Reproduction:
             self.add(key, merge_dense(trained, torch.float16).float(), t, train_loss=losses)
 
 
-def read_rows(path: Path) -> list[dict]:
-    rows = [json.loads(line) for line in path.open()]
-    return [{**row, "key": RowKey(**row["key"])} for row in rows]
-
-
-def value_of(row: dict, key: str) -> float:
-    return row["perplexity"] if key == "perplexity" else row["tasks"][key][METRIC]
-
-
-def merge_lines(rows: list[dict], tasks: list[str]) -> list[str]:
-    """Merged vs adapter-on, item by item: the exact merge must pick the same answer everywhere."""
-    by_key = {r["key"]: r for r in rows}
-    lines = ["| merged vs adapter-on | bits | " + " | ".join(f"{t} same picks" for t in tasks) + " | ppl rel. diff |",
-             "|" + "---|" * (len(tasks) + 3)]
-    for key, on in by_key.items():
-        merged = by_key.get(key.paired("merged"))
-        if key.stage != "adapter-on" or merged is None:
-            continue
-        same = [sum(a == b for a, b in zip(on["tasks"][t]["predictions"], merged["tasks"][t]["predictions"],
-                                           strict=True)) for t in tasks]
-        cells = " | ".join(f"{k}/{on['tasks'][t]['n']}" for k, t in zip(same, tasks, strict=True))
-        diff = abs(merged["perplexity"] - on["perplexity"]) / on["perplexity"]
-        lines.append(f"| {key.paired('merged').label} | {key.bits} | {cells} | {diff:.1e} |")
-    return [*lines, ""] if len(lines) > 2 else []
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign (McNemar) test p-value of `wins` against `losses` discordant items."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
-def paired_lines(rows: list[dict], gold: dict[str, list[int]]) -> list[str]:
-    """Every deployable row (merged or base) against LoRA + GPTQ of the same bits and seed on the same items,
-    all tasks pooled: the items only one of the two gets right, and whether that split could be chance
-    (at n = 100 a task, accuracy moves by about ±0.05 on noise alone)."""
-    by_key = {r["key"]: r for r in rows}
-    lines = ["| vs LoRA + GPTQ (same bits, seed) | bits | only method right | only baseline right | sign-test p |",
-             "|---|---|---|---|---|"]
-    for key, row in by_key.items():
-        seed = key.seed if key.seed is not None else DEFAULT_SEED
-        base = by_key.get(RowKey("lora", "+ GPTQ", key.bits, "gptq", seed=seed))
-        if base is None or key == base["key"] or key.stage == "adapter-on":
-            continue
-        wins = losses = 0
-        for t, answers in gold.items():
-            for mine, theirs, right in zip(row["tasks"][t]["predictions"], base["tasks"][t]["predictions"], answers,
-                                           strict=True):
-                wins += mine == right and theirs != right
-                losses += theirs == right and mine != right
-        lines.append(f"| {key.label} | {key.bits} | {wins} | {losses} | {sign_test(wins, losses):.2f} |")
-    return [*lines, ""] if len(lines) > 2 else []
-
-
-def training_runs(rows: list[dict]) -> dict[tuple[str, int, str], list[float]]:
-    """(run, base bits, method) → per-step training loss, once per fine-tuning run (a seed's LoRA run on the
-    INT4 base is shared by all its LoRA rows)."""
-    runs: dict[tuple[str, int, str], list[float]] = {}
-    for row in rows:
-        if row.get("train_loss"):
-            key = row["key"]
-            runs.setdefault((key.run, 4 if key.method == "lora" else key.bits, key.method), row["train_loss"])
-    return runs
-
-
-def loss_lines(rows: list[dict]) -> list[str]:
-    """Training loss, mean of the first and of the last five steps, of every fine-tuning run."""
-    lines = ["| fine-tuning run | base bits | loss, first 5 steps | loss, last 5 steps |", "|---|---|---|---|"]
-    for (run, bits, _), losses in training_runs(rows).items():
-        lines.append(f"| {run} | {bits} | {sum(losses[:5]) / len(losses[:5]):.3f} | "
-                     f"{sum(losses[-5:]) / len(losses[-5:]):.3f} |")
-    return [*lines, ""] if len(lines) > 2 else []
-
-
-def plot_losses(rows: list[dict], out: Path, plt) -> None:
-    """loss_curves.png: every run's training loss (mean over a 5-step window), one panel per base bit width,
-    LoRA's runs (on the INT4 base) drawn in every panel as the reference."""
-    runs = training_runs(rows)
-    panels = sorted({bits for _, bits, method in runs if method != "lora"} or {4}, reverse=True)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, bits in zip(axes[0], panels, strict=True):
-        for (run, run_bits, method), losses in runs.items():
-            if method == "lora" or run_bits == bits:
-                windows = [losses[max(0, i - 4): i + 1] for i in range(len(losses))]
-                ax.plot(range(1, len(losses) + 1), [sum(w) / len(w) for w in windows],
-                        label=f"{run}, INT{run_bits} base")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("training loss (5-step mean)")
-        ax.set_title(f"fine-tuning on INT{bits} bases")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
-
-
-def seed_lines(rows: list[dict]) -> list[str]:
-    """Rows trained with more than one seed: mean and spread (min–max) of the perplexity and the MC mean."""
-    groups: dict[RowKey, list[dict]] = {}
-    for row in rows:
-        if row["key"].seed is not None and row["key"].stage != "adapter-on":  # deployable rows
-            groups.setdefault(dataclasses.replace(row["key"], seed=None), []).append(row)
-    lines = ["| over seeds | bits | seeds | held-out ppl mean (min–max) | MC mean (min–max) |", "|---|---|---|---|---|"]
-    for key, group in groups.items():
-        if len(group) < 2:
-            continue
-        ppl = [r["perplexity"] for r in group]
-        mc = [sum(r["tasks"][t][METRIC] for t in r["tasks"]) / len(r["tasks"]) for r in group]
-        lines.append(f"| {dataclasses.replace(key, seed=DEFAULT_SEED).label} | {key.bits} | {len(group)} | "
-                     f"{sum(ppl) / len(ppl):.2f} ({min(ppl):.2f}–{max(ppl):.2f}) | "
-                     f"{sum(mc) / len(mc):.3f} ({min(mc):.3f}–{max(mc):.3f}) |")
-    return [*lines, ""] if len(lines) > 2 else []
-
-
-def table_order(row: dict) -> tuple:
-    """Widest bits first; within a bit width by method, then run (base, start, seed), then stage."""
-    key = row["key"]
-    return (-key.bits, FAMILIES.index(key.method), key.init != "zero", key.base or "", key.seed or 0,
-            list(STAGES).index(key.stage))
-
-
-def write_report(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
-    """results.md (the tables), accuracy_vs_bits.png (one panel per task plus perplexity) and loss_curves.png."""
-    rows, tasks = sorted(rows, key=table_order), list(args.tasks)
-    header = "| method | bits | " + " | ".join(tasks) + " | held-out response ppl |"
-    lines = [header, "|" + "---|" * (len(tasks) + 3)]
-    chance = "| chance | | " + " | ".join(f"{rows[0]['tasks'][t]['chance']:.3f}" for t in tasks) + " | |"
-    for row in rows:
-        accs = " | ".join(f"{row['tasks'][t][METRIC]:.3f}" for t in tasks)
-        lines.append(f"| {row['key'].label} | {row['key'].bits} | {accs} | {row['perplexity']:.2f} |")
-    n = ", ".join(f"{t} n={rows[0]['tasks'][t]['n']}" for t in tasks)
-    gold = {t: [item["answer"] for item in read_task(Path(args.eval_data) / f"{t}.jsonl")][: rows[0]["tasks"][t]["n"]]
-            for t in tasks}
-    text = [*lines, chance, "", f"Accuracy by summed log-likelihood ({n}).", "", *merge_lines(rows, tasks),
-            *paired_lines(rows, gold), *seed_lines(rows), *loss_lines(rows)]
-    (out / "results.md").write_text("\n".join(text))
-    try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(4.2 * (len(tasks) + 1), 3.8))
-    low_bit = sorted({r["key"].bits for r in rows if r["key"].bits < 16})
-    methods = list(dict.fromkeys(r["key"].label for r in rows if r["key"].bits < 16 and r["key"].stage != "adapter-on"))
-    for ax, key in zip(axes, [*tasks, "perplexity"], strict=True):
-        for method in methods:
-            points = sorted((r["key"].bits, value_of(r, key)) for r in rows if r["key"].label == method)
-            ax.plot(*zip(*points, strict=True), marker="o", label=method)
-        for row, style in zip([r for r in rows if r["key"].bits == 16], ("k--", "k:"), strict=False):
-            ax.axhline(value_of(row, key), color=style[0], linestyle=style[1:], label=row["key"].label)
-        if key == "perplexity":
-            ax.set_yscale("log")
-        else:
-            ax.axhline(rows[0]["tasks"][key]["chance"], color="grey", linewidth=0.8, label="chance")
-        ax.set_xticks(low_bit)
-        ax.set_xlabel("bits")
-        ax.set_title("held-out response perplexity" if key == "perplexity" else f"{key} (acc)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_bits.png", dpi=120)
-    if training_runs(rows):
-        plot_losses(rows, out, plt)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="base model: 'smollm2' or a HF LLaMA directory")
-    parser.add_argument("--train-data", default=str(SHARED / "ni_train.jsonl"), help="Alpaca .jsonl to fine-tune on")
-    parser.add_argument("--eval-data", default=str(SHARED / "eval_dev"), help="folder of the task .jsonl files")
+    parser.add_argument("--train-data", default=None,
+                        help="Alpaca .jsonl to fine-tune on (natural-instructions' ni_train.jsonl); required, except "
+                             "with --smoke (which makes its own) or --report-only")
+    parser.add_argument("--eval-data", default=str(EVAL_DATA),
+                        help="folder of the task .jsonl files (default: the repository's data/eval_dev, which holds "
+                             "science_qa and winogrande)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), help="task files (names without .jsonl)")
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2], help="low-bit widths to compare")
     parser.add_argument("--group-size", type=int, default=64,
@@ -534,6 +326,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.perplexity_samples < 1:
         parser.error("--perplexity-samples must be at least 1")
+    if args.train_data is None and not (args.smoke or args.report_only):
+        parser.error("--train-data is required: the Alpaca .jsonl to fine-tune on (e.g. natural-instructions' "
+                     "ni_train.jsonl)")
     return args
 
 
@@ -541,7 +336,7 @@ def smoke_setup(args: argparse.Namespace) -> None:
     """Make a tiny random LLaMA with SmolLM2's tokenizer and tiny data files under --output."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lowbit_ft.loading import load_tokenizer
+    from lowbit_ft.formats.load import load_tokenizer
 
     out = Path(args.output)
     torch.manual_seed(0)
@@ -569,11 +364,15 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     if args.smoke:
         smoke_setup(args)
+    missing = [task for task in args.tasks if not (Path(args.eval_data) / f"{task}.jsonl").exists()]
+    if missing:
+        raise SystemExit(f"--eval-data {args.eval_data} has no {', '.join(f'{t}.jsonl' for t in missing)}: point it "
+                         "at a folder that holds every --tasks file, or name fewer --tasks")
     if args.report_only:  # e.g. after an interrupted run: the table and plot of the rows so far
         rows_path = Path(args.output) / "rows.jsonl"
         if not rows_path.exists():
             raise SystemExit(f"--report-only: {rows_path} does not exist; run without --report-only first")
-        write_report(read_rows(rows_path), args, Path(args.output))
+        write_report(read_rows(rows_path), args.tasks, args.eval_data, Path(args.output))
         return
     print(f"torch {torch.__version__}, device: {'cuda' if torch.cuda.is_available() else 'cpu'}", flush=True)
     Reproduction(args).run()

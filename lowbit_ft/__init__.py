@@ -15,9 +15,11 @@ import sys
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "BlockLayout": "lowbit_ft.layout", "LowBitPrecision": "lowbit_ft.precision",
-    "QuantLinear": "lowbit_ft.quant_linear", "export": "lowbit_ft.exporters", "load_model": "lowbit_ft.loading",
-    "load_quantized": "lowbit_ft.loading", "quantize_model": "lowbit_ft.convert", "save_gptq": "lowbit_ft.gptq_format",
+    "BlockLayout": "lowbit_ft.quant.layout", "LowBitPrecision": "lowbit_ft.train.precision",
+    "QuantLinear": "lowbit_ft.quant.quant_linear", "QuantSpec": "lowbit_ft.quant.spec",
+    "export": "lowbit_ft.formats.export", "load_model": "lowbit_ft.formats.load",
+    "load_quantized": "lowbit_ft.formats.load", "quantize_model": "lowbit_ft.quant.convert",
+    "save_gptq": "lowbit_ft.formats.gptq",
 }
 __all__ = sorted(_PUBLIC)
 
@@ -38,10 +40,10 @@ _REGISTRY_MODULE = "transformers.quantizers"  # where transformers keeps quant_m
 
 
 def _register() -> None:
-    # importing lowbit_format registers the quant method (at its end; when it is the importer of
+    # importing the lowbit format registers the quant method (at its end; when it is the importer of
     # transformers' registry, it is in sys.modules half-built and finishes the registration itself)
-    if "lowbit_ft.lowbit_format" not in sys.modules:
-        importlib.import_module("lowbit_ft.lowbit_format")
+    if "lowbit_ft.formats.lowbit" not in sys.modules:
+        importlib.import_module("lowbit_ft.formats.lowbit")
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):

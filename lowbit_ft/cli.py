@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             argv = with_bare_flags(COMMANDS[argv[0]], argv)
             CLI(COMMANDS, args=argv, as_positional=False, description=overview())
         else:
-            from lowbit_ft.fit_cli import USER_ERRORS, run_lightning_cli
+            from lowbit_ft.train.cli import USER_ERRORS, run_lightning_cli
 
             user_errors = USER_ERRORS
             run_lightning_cli(None if from_shell else argv)

@@ -3,45 +3,54 @@ function whose docstring is its --help (`lowbit_ft.cli` dispatches to them, impo
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from lowbit_ft.base import DEFAULT_GROUP_SIZE, QuantSpec, cache_root, fingerprint, read_record
-from lowbit_ft.callbacks.merge_check import MergeMismatchError, check_merge
-from lowbit_ft.convert import dequantize_model, quant_layers
-from lowbit_ft.data import IGNORE_INDEX, read_records
+from lowbit_ft.adapters.verify import MergeMismatchError, check_merge
 from lowbit_ft.dtypes import parse_dtype
-from lowbit_ft.evaluate import evaluate_task, perplexity, read_task
-from lowbit_ft.exporters import FORMATS as EXPORT_FORMATS
-from lowbit_ft.exporters import check as check_format
-from lowbit_ft.exporters import export as export_model
+from lowbit_ft.evaluation.generate import generate_answers
+from lowbit_ft.evaluation.multiple_choice import evaluate_task, perplexity, read_task
+from lowbit_ft.formats.cache import fingerprint
+from lowbit_ft.formats.export import check as check_format
+from lowbit_ft.formats.export import export as export_model
+from lowbit_ft.formats.gptq import save_gptq
+from lowbit_ft.formats.load import load_model, load_quantized, load_tokenizer
+from lowbit_ft.formats.lowbit import save_lowbit
+from lowbit_ft.formats.registry import get_format
 from lowbit_ft.fsutil import refuse_existing, write_json, write_text
-from lowbit_ft.generate import generate_answers
-from lowbit_ft.gptq_format import save_gptq
-from lowbit_ft.loading import BUILTIN_SMOLLM2, load_model, load_quantized, load_tokenizer
-from lowbit_ft.lowbit_format import save_lowbit
-from lowbit_ft.module import LowBitModule, NonFiniteLossError, checkpoint_hparams, read_checkpoint
-from lowbit_ft.report import QuantReport, logits_of, probe_batch, quantize_and_report
+from lowbit_ft.progress import progress_bar
+from lowbit_ft.quant.convert import dequantize_model
+from lowbit_ft.quant.modules import quant_layers
+from lowbit_ft.quant.report import QuantReport, logits_of, probe_batch, quantize_and_report
+from lowbit_ft.quant.spec import QuantSpec
+from lowbit_ft.records import BUILTIN_DEMO, IGNORE_INDEX, read_records
+from lowbit_ft.train.checkpoint import module_from_checkpoint
+from lowbit_ft.train.module import NonFiniteLossError
+
+DEFAULTS = QuantSpec()  # every quantization option takes its default from the one table
 
 
 def quantize(
     model: str = "smollm2",
-    bits: int = 4,
-    group_size: int = DEFAULT_GROUP_SIZE,
-    block_out: int = 1,
-    method: str = "rtn",
-    symmetric: bool = False,
-    skip_indivisible: bool = False,
-    calibration_data: str = "builtin:demo",
-    calibration_samples: int = 64,
-    calibration_length: int = 256,
-    calibration_mode: Literal["concat", "per_record"] = "concat",
+    bits: int = DEFAULTS.bits,
+    group_size: int = DEFAULTS.group_size,
+    block_out: int = DEFAULTS.block_out,
+    method: str = DEFAULTS.method,
+    symmetric: bool = DEFAULTS.symmetric,
+    scale_dtype: str = DEFAULTS.scale_dtype,
+    zero_dtype: str = DEFAULTS.zero_dtype,
+    targets: tuple[str, ...] = DEFAULTS.targets,
+    ignore_modules: tuple[str, ...] = DEFAULTS.ignore_modules,
+    skip_indivisible: bool = DEFAULTS.skip_indivisible,
+    calibration_data: str | None = DEFAULTS.calibration_data,
+    calibration_samples: int = DEFAULTS.calibration_samples,
+    calibration_length: int = DEFAULTS.calibration_length,
+    calibration_mode: Literal["concat", "per_record"] = DEFAULTS.calibration_mode,
+    damp: float = DEFAULTS.damp,
     output: Path | None = None,
     checkpoint_format: Literal["auto", "gptq_v2", "gptq", "lowbit"] = "auto",
     overwrite: bool = False,
@@ -52,6 +61,7 @@ def quantize(
     logit error and top-1 agreement against the unquantized model on a fixed batch. With --output,
     also writes the quantized model, reloads it, and checks that it gives the same logits; the
     directory then serves as model.base of a fit (e.g. a GPTQ base in QA-HiRA's (8, 4) blocks).
+    The quantization options are the keys of a QuantSpec, with its defaults (as in the LowBitPrecision plugin).
 
     Args:
         model: 'smollm2' (the built-in SmolLM2-135M-Instruct), a .gguf file, or a HF model directory.
@@ -60,22 +70,29 @@ def quantize(
         block_out: output rows per block: 1 for GPTQ groups, 8 for QA-HiRA's (8, 4) blocks.
         method: quantizer: 'rtn' (min-max round-to-nearest) or 'gptq' (second-order, needs calibration text).
         symmetric: symmetric quantization (zero fixed at 2^(bits-1)) instead of min-max asymmetric.
+        scale_dtype: storage dtype of the scales (float16, as GPTQ).
+        zero_dtype: storage dtype of the zeros (float32: merged zeros are fractional).
+        targets: last name components of the linears to quantize (default: q,k,v,o,gate,up,down).
+        ignore_modules: module-name prefixes never to quantize (e.g. 'model.layers.0.').
         skip_indivisible: leave linears whose in_features the group size does not divide in 16 bit
             (reported) instead of stopping with an error.
-        calibration_data: for gptq: an Alpaca .json/.jsonl file or 'builtin:demo' (its text is the calibration set).
+        calibration_data: for gptq: an Alpaca .json/.jsonl file or 'builtin:demo' (its text is the calibration
+            set; default: builtin:demo, as there is no training data here).
         calibration_samples: for gptq: number of calibration sequences.
         calibration_length: for gptq: tokens per calibration sequence.
         calibration_mode: for gptq: 'concat' (records joined and cut into samples × length tokens) or
             'per_record' (one sequence per record, cut at length; for files of many short records).
+        damp: for gptq: dampening added to the Hessian diagonal, as a fraction of its mean.
         output: directory to write the quantized model to.
         checkpoint_format: 'auto' (gptq_v2 for (1, g) groups, else lowbit), 'gptq_v2' (stores z),
             'gptq' (v1, stores z-1), or 'lowbit' (the project's format: any block layout).
         overwrite: replace an existing --output directory.
     """
     spec = QuantSpec(bits=bits, group_size=group_size, block_out=block_out, method=method, symmetric=symmetric,
-                     skip_indivisible=skip_indivisible, calibration_data=calibration_data,
+                     scale_dtype=scale_dtype, zero_dtype=zero_dtype, targets=targets, ignore_modules=ignore_modules,
+                     skip_indivisible=skip_indivisible, calibration_data=calibration_data or BUILTIN_DEMO,
                      calibration_samples=calibration_samples, calibration_length=calibration_length,
-                     calibration_mode=calibration_mode)  # a typo fails here, before the model loads
+                     calibration_mode=calibration_mode, damp=damp)  # a typo fails here, before the model loads
     if checkpoint_format == "auto":
         checkpoint_format = "gptq_v2" if block_out == 1 else "lowbit"
     elif checkpoint_format != "lowbit" and block_out != 1:
@@ -99,45 +116,6 @@ def quantize(
         print(f"reloaded max |Δlogit| {float((after - before).abs().max()):.3g}  (written and read back)")
         print(f"saved ({checkpoint_format})".ljust(22) + f"{Path(output).resolve()}")
     return report
-
-
-def module_from_checkpoint(checkpoint: Path, base: str | None = None, option: str = "--checkpoint") -> LowBitModule:
-    """Rebuild a trained LowBitModule from an adapter-only checkpoint: the base it recorded (from the base
-    cache, or quantized again with the recorded spec; `base` points at a moved one), checked against the
-    recorded fingerprint, plus the adapter weights. Loads with weights_only=True (no pickles)."""
-    checkpoint = Path(checkpoint)
-    ckpt = read_checkpoint(checkpoint, option)
-    if "hyper_parameters" not in ckpt or not ({"lowbit_base", "lowbit_precision"} & set(ckpt)):
-        raise ValueError(f"{option} {checkpoint}: not a lowbit-ft training checkpoint (no record of its "
-                         "quantized base); export one written by lowbit-ft fit")
-    record = ckpt.get("lowbit_base")
-    if record is not None:
-        spec, dtype = read_record(record, f"{option} {checkpoint}")
-        cache_key = None if base is not None else record.get("cache_key")
-    else:  # written before bases were fingerprinted: the plugin's settings only, nothing to verify against
-        spec, dtype, cache_key = legacy_spec(ckpt["lowbit_precision"])
-    hparams = checkpoint_hparams(ckpt)
-    source = hparams["base"] = str(base) if base is not None else hparams.get("base", BUILTIN_SMOLLM2)
-    cached = cache_key is not None and (cache_root() / cache_key).is_dir()
-    if not cached and source != BUILTIN_SMOLLM2 and not Path(source).exists():
-        raise FileNotFoundError(f"{option} {checkpoint}: its base {source!r} is not there (moved?): pass "
-                                "--base with the base it was trained on (its quantized directory, or the float "
-                                "model, quantized again and checked)")
-    accepted = inspect.signature(LowBitModule.__init__).parameters
-    module = LowBitModule(**{k: v for k, v in hparams.items() if k in accepted})
-    module.build_model(spec, dtype, cache_key=cache_key)
-    module.on_load_checkpoint(ckpt)  # same adapter keys and base fingerprint, or a one-line error
-    module.load_state_dict(ckpt["state_dict"], strict=False)
-    return module.eval()
-
-
-def legacy_spec(settings: dict | None) -> tuple[QuantSpec | None, torch.dtype, None]:
-    """(spec, dtype, no cache entry) from the LowBitPrecision arguments older checkpoints stored."""
-    if settings is None:
-        return None, torch.float32, None
-    keys = ("bits", "group_size", "block_out", "method", "symmetric", "targets", "ignore_modules")
-    spec = QuantSpec(**{k: settings[k] for k in keys if settings.get(k) is not None})
-    return spec, parse_dtype(settings.get("dtype", "float32"), "checkpoint dtype"), None
 
 
 def export(output: Path, checkpoint: Path | None = None, format: str = "lowbit", dtype: str = "float16",
@@ -164,8 +142,7 @@ def export(output: Path, checkpoint: Path | None = None, format: str = "lowbit",
             lowbit directory); with --checkpoint, where its base is now if it moved (its quantized
             directory, or the float model to quantize again); checked against the checkpoint's fingerprint.
     """
-    if format not in EXPORT_FORMATS:
-        raise ValueError(f"--format {format!r} is unknown: use one of {EXPORT_FORMATS}")
+    get_format(format, "--format")
     storage = parse_dtype(dtype, "--dtype")
     if (checkpoint is None) == (peft_adapter is None):
         raise ValueError("give either --checkpoint (a lowbit-ft fit checkpoint) or --peft_adapter with --base")
@@ -176,13 +153,13 @@ def export(output: Path, checkpoint: Path | None = None, format: str = "lowbit",
     for given in (checkpoint, base, peft_adapter):  # --overwrite must never replace what is being read
         if given is not None and (Path(given).resolve() == target or target in Path(given).resolve().parents):
             raise ValueError(f"--output {output} is (or holds) the input {given}; write the export elsewhere")
-    stages = tqdm(total=3, desc="export: loading the base and adapters", leave=False,
+    stages = progress_bar(total=3, desc="export: loading the base and adapters", leave=False,
                   bar_format="{desc} [{n}/{total}, {elapsed}]")
     if checkpoint is not None:
         module = module_from_checkpoint(checkpoint, base)
         model, tokenizer = module.model, module.base.tokenizer or load_tokenizer(module.hparams.base)
     else:
-        from lowbit_ft.peft_adapter import attach_peft_adapter, read_peft_adapter
+        from lowbit_ft.formats.peft import attach_peft_adapter, read_peft_adapter
 
         read_peft_adapter(peft_adapter)  # a bad adapter directory fails before the base loads
         model, tokenizer = load_model(base)
@@ -254,7 +231,7 @@ def evaluate(model: str, data: list[str], output: Path | None = None, limit: int
     Args:
         model: a training .ckpt (adapters on their low-bit base), an exported or GPTQ directory, a HF
             directory, a .gguf file, or 'smollm2'.
-        data: JSONL task files of {question, choices, answer} (e.g. ../shared/data/eval_dev/*.jsonl).
+        data: JSONL task files of {question, choices, answer} (e.g. data/eval_dev/*.jsonl).
         output: write the results as JSON here (refused if it exists).
         limit: score only the first N items of each file.
         perplexity_data: an Alpaca .json/.jsonl file of held-out records: perplexity of their responses
@@ -304,7 +281,7 @@ def harness(model: str, tasks: list[str], include_path: Path | None = None, incl
         output: write lm-eval's per-task results as JSON here (refused if it exists).
         dequantize: dequantize the packed weights once before scoring (faster on a CPU, more memory).
     """
-    from lowbit_ft.harness import run_harness  # lm-eval is an optional extra: imported on use
+    from lowbit_ft.evaluation.harness import run_harness  # lm-eval is an optional extra: imported on use
 
     if output is not None:
         refuse_existing(output)

@@ -60,7 +60,7 @@ def smollm2_float():
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """SmolLM2's tokenizer (byte-level BPE, 49,152 tokens, a chat template), as transformers builds it."""
-    from lowbit_ft.loading import load_tokenizer
+    from lowbit_ft.formats.load import load_tokenizer
 
     return load_tokenizer("smollm2")
 
@@ -68,7 +68,7 @@ def smol_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random LLaMA saved with SmolLM2's tokenizer (vocab 49,152): a real `model.base` for fits."""
-    from lowbit_ft.loading import load_tokenizer
+    from lowbit_ft.formats.load import load_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama")
     make_tiny_llama(vocab=49152).save_pretrained(path)

@@ -8,8 +8,8 @@ from torch import nn
 
 from lowbit_ft import BlockLayout, QuantLinear, quantize_model
 from lowbit_ft.adapters import REGISTRY, adapted_layers, attach, merge, merge_dense, num_trainable
-from lowbit_ft.adapters.base import aligned
-from lowbit_ft.convert import quant_layers
+from lowbit_ft.adapters.adapter import aligned
+from lowbit_ft.quant.modules import quant_layers
 
 from .conftest import make_tiny_llama, randomize_adapters
 
@@ -62,10 +62,10 @@ def test_merge_is_exact_in_float64_and_keeps_codes(name, bits, block):
     model.proj.adapter.double()  # the whole computation in float64
     randomize(model)
     x = torch.randn(5, 128, dtype=torch.float64)
-    codes = model.proj.base.qweight.clone()
+    codes = model.proj.layer.qweight.clone()
     with torch.no_grad():
         adapter_on = model(x)
-        assert (adapter_on - model.proj.base(x)).abs().max() > 1e-3  # the adapter really contributes
+        assert (adapter_on - model.proj.layer(x)).abs().max() > 1e-3  # the adapter really contributes
         merge(model)
         merged = model(x)
     assert isinstance(model.proj, QuantLinear) and not adapted_layers(model)
@@ -107,17 +107,17 @@ def test_merge_dense_equals_adapter_on(name):
 def test_misaligned_merge_refused_and_nothing_changed(name):
     model = attach(OneLayer(quant_layer(4, (1, 32))), name, r=4)
     randomize(model)
-    zeros = model.proj.base.zeros.clone()
+    zeros = model.proj.layer.zeros.clone()
     with pytest.raises(ValueError, match=rf"adapter '{name}' has ΔW tiles of .* not constant on the base's "
                                          r"1×32 quantization blocks.*use merge_dense\(model\)"):
         merge(model)
-    assert torch.equal(model.proj.base.zeros, zeros) and adapted_layers(model)
+    assert torch.equal(model.proj.layer.zeros, zeros) and adapted_layers(model)
 
 
 def test_low_bit_adapter_with_misaligned_tile_refused_at_attach():
     with pytest.raises(ValueError, match=r"proj: adapter 'qa_hira' has ΔW tiles of 8×4, which are not constant "
                                          r"on the base's 1×32 quantization blocks"):
-        attach(OneLayer(quant_layer(4, (1, 32))), "qa_hira", block_out=8, block_in=4)
+        attach(OneLayer(quant_layer(4, (1, 32))), "qa_hira", block_out=8, group_size=4)
 
 
 def test_qa_lora_group_must_be_a_multiple_of_the_base_group():
@@ -174,7 +174,7 @@ def _meta_llama7b(layout):
                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    from lowbit_ft.convert import set_submodule, target_linears
+    from lowbit_ft.quant.modules import set_submodule, target_linears
 
     for name in target_linears(model):
         lin = model.get_submodule(name)

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import lowbit_ft.gptq
+import lowbit_ft.quant.gptq
 from lowbit_ft import BlockLayout, load_quantized, quantize_model
 from lowbit_ft.adapters import attach, merge_dense
-from lowbit_ft.base import RECORD_FILE, QuantSpec, cache_root, calibration_batches, fingerprint, quantized_base
 from lowbit_ft.cli import main
-from lowbit_ft.commands import module_from_checkpoint
-from lowbit_ft.convert import quant_layers
-from lowbit_ft.lowbit_format import save_lowbit
+from lowbit_ft.formats.cache import RECORD_FILE, cache_root, fingerprint, quantized_base
+from lowbit_ft.formats.lowbit import save_lowbit
+from lowbit_ft.quant.modules import quant_layers
+from lowbit_ft.quant.spec import QuantSpec, calibration_batches
+from lowbit_ft.train.checkpoint import module_from_checkpoint
 
 from .conftest import make_tiny_llama
 from .test_fit import fit_args
@@ -46,7 +47,7 @@ def test_one_default_group_size():
     import inspect
 
     from lowbit_ft.commands import quantize
-    from lowbit_ft.precision import LowBitPrecision
+    from lowbit_ft.train.precision import LowBitPrecision
 
     defaults = {inspect.signature(f).parameters["group_size"].default for f in (quantize, LowBitPrecision.__init__)}
     assert defaults == {QuantSpec().group_size}
@@ -83,7 +84,7 @@ def test_a_built_base_is_cached_and_reused_bitwise(tiny_model_dir, monkeypatch):
     def no_gptq(*args, **kwargs):
         raise AssertionError("GPTQ ran again")
 
-    monkeypatch.setattr(lowbit_ft.gptq, "gptq_quantize_model", no_gptq)
+    monkeypatch.setattr(lowbit_ft.quant.gptq, "gptq_quantize_model", no_gptq)
     again = quantized_base(str(tiny_model_dir), spec, progress=False)
     assert again.fingerprint == first.fingerprint and again.cache_key == first.cache_key
     tokens = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -155,7 +156,7 @@ def _forbid_gptq(monkeypatch):
     def no_gptq(*args, **kwargs):
         raise AssertionError("GPTQ ran again")
 
-    monkeypatch.setattr(lowbit_ft.gptq, "gptq_quantize_model", no_gptq)
+    monkeypatch.setattr(lowbit_ft.quant.gptq, "gptq_quantize_model", no_gptq)
 
 
 def _logits(path_or_model, tokens):

@@ -23,7 +23,7 @@ def test_reproduce_smoke(tmp_path):
     """experiments/reproduce.py end to end on a tiny random LLaMA: every row at INT3 for two seeds and both
     starts, merged QA-LoRA and QA-HiRA picking the same answer as adapter-on on every item, the table (with
     the seed spread) and the plot written, and --report-only rebuilding the same report from the typed rows."""
-    reproduce = load_reproduce()
+    reproduce = load_experiment("reproduce")
     RowKey = reproduce.RowKey
     done = run_reproduce("--seeds", "42", "43", "--inits", "zero", "quant_error", "--output", tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -89,30 +89,29 @@ def run_reproduce(*flags, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
-def load_reproduce():
-    import importlib.util
+def load_experiment(name: str):
+    """experiments/<name>.py, imported the way the scripts import each other (experiments/ on the path)."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("reproduce", EXPERIMENTS / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.insert(0, str(EXPERIMENTS))
+    return importlib.import_module(name)
 
 
 def test_sign_test_is_the_exact_binomial_tail():
-    sign_test = load_reproduce().sign_test
+    sign_test = load_experiment("report").sign_test
     assert sign_test(0, 5) == 2 / 32 and sign_test(5, 0) == 2 / 32  # both tails, one split each
     assert sign_test(1, 4) == 2 * 6 / 32 and sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0
 
 
 def test_paired_table_counts_the_items_only_one_side_gets_right():
-    reproduce = load_reproduce()
-    RowKey = reproduce.RowKey
+    report = load_experiment("report")
+    RowKey = report.RowKey
     gold = {"t": [0, 1, 1, 0, 1]}
     row = lambda key, picks: {"key": key, "tasks": {"t": {"predictions": picks}}}  # noqa: E731
     rows = [row(RowKey("lora", "+ GPTQ", 3, "gptq", seed=42), [0, 0, 0, 1, 1]),
             row(RowKey("qa_lora", "adapter-on", 3, "gptq", seed=42), [0, 1, 1, 0, 1]),
             row(RowKey("qa_lora", "merged", 3, "gptq", seed=42), [0, 1, 1, 0, 0])]
-    lines = reproduce.paired_lines(rows, gold)
+    lines = report.paired_lines(rows, gold)
     # merged vs baseline: items 1, 2, 3 only merged right; item 4 only baseline right; adapter-on rows skipped
     assert lines[2:] == [f"| QA-LoRA, merged | 3 | 3 | 1 | {2 * 5 / 16:.2f} |", ""]

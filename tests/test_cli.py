@@ -5,7 +5,7 @@ import pytest
 
 from lowbit_ft import load_quantized
 from lowbit_ft.cli import main
-from lowbit_ft.convert import quant_layers
+from lowbit_ft.quant.modules import quant_layers
 
 from .conftest import make_tiny_llama
 
@@ -85,3 +85,10 @@ def test_parser_reports_become_the_one_line_that_says_what_is_wrong(message, exp
     from lowbit_ft.cli import innermost_error
 
     assert innermost_error(message) == expected
+
+
+def test_the_overview_lists_the_lightning_commands_fit_offers():
+    from lowbit_ft.cli import LIGHTNING_COMMANDS
+    from lowbit_ft.train.cli import LowBitCLI
+
+    assert tuple(LIGHTNING_COMMANDS) == LowBitCLI.COMMANDS == tuple(LowBitCLI.subcommands())

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from lowbit_ft import BlockLayout, QuantLinear, quantize_model
-from lowbit_ft.convert import DEFAULT_TARGETS, quant_layers
+from lowbit_ft.quant.modules import DEFAULT_TARGETS, quant_layers
 
 from .conftest import make_tiny_llama
 
@@ -80,7 +80,7 @@ def test_skip_indivisible_leaves_those_layers_16_bit():
 def test_dequantize_model_computes_the_same_function(tokens):
     """The eval speed-up: every QuantLinear, also the ones under adapters, becomes an nn.Linear with
     dequant(W); the logits agree to float32 rounding (one matmul vs the reference's row tiles)."""
-    from lowbit_ft.convert import dequantize_model
+    from lowbit_ft.quant.convert import dequantize_model
 
     from .conftest import make_adapted_llama
 
@@ -90,5 +90,5 @@ def test_dequantize_model_computes_the_same_function(tokens):
         dequantize_model(model)
         got = model(tokens).logits
     assert not quant_layers(model)
-    assert isinstance(model.model.layers[0].self_attn.q_proj.base, nn.Linear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.layer, nn.Linear)
     assert torch.allclose(got, want, rtol=0, atol=1e-5 * want.abs().max().item())

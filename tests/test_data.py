@@ -2,17 +2,9 @@ import json
 
 import pytest
 
-from lowbit_ft.data import (
-    IGNORE_INDEX,
-    Collate,
-    InstructionDataModule,
-    demo_records,
-    format_prompt,
-    pack,
-    read_records,
-    tokenize,
-)
-from lowbit_ft.loading import load_tokenizer
+from lowbit_ft.formats.load import load_tokenizer
+from lowbit_ft.records import IGNORE_INDEX, demo_records, format_prompt, read_records, tokenize
+from lowbit_ft.train.data import Collate, InstructionDataModule, pack
 
 
 @pytest.fixture(scope="module")

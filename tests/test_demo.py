@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from lowbit_ft.callbacks.demo import DEMO_PROMPTS
 from lowbit_ft.cli import main
-from lowbit_ft.commands import module_from_checkpoint
-from lowbit_ft.generate import generate_answers
+from lowbit_ft.evaluation.generate import generate_answers
+from lowbit_ft.train.checkpoint import module_from_checkpoint
 
 DEMO = Path(__file__).parent.parent / "recipes" / "demo.yaml"
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lowbit_ft.cli import main
-from lowbit_ft.data import tokenize
-from lowbit_ft.evaluate import choice_logprobs, evaluate_task, perplexity, read_task
-from lowbit_ft.loading import load_model
+from lowbit_ft.evaluation.multiple_choice import choice_logprobs, evaluate_task, perplexity, read_task
+from lowbit_ft.formats.load import load_model
+from lowbit_ft.records import tokenize
 
 ITEMS = [
     {"question": "Question: What do plants need to make food?\nAnswer:", "choices": ["sunlight", "rocks", "sand"]},
@@ -164,7 +164,7 @@ def test_results_json_is_never_overwritten(tmp_path):
 
 def test_dequantized_eval_picks_the_same_answers(tiny_model_dir, tmp_path):
     from lowbit_ft import BlockLayout, quantize_model
-    from lowbit_ft.convert import dequantize_model
+    from lowbit_ft.quant.convert import dequantize_model
 
     model, tokenizer = load_model(str(tiny_model_dir))
     quantize_model(model, BlockLayout.group(4, 32), progress=False)

@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM
 import lowbit_ft.fsutil
 from lowbit_ft import BlockLayout, load_quantized, quantize_model
 from lowbit_ft.adapters import REGISTRY, adapted_layers, attach
-from lowbit_ft.convert import quant_layers
-from lowbit_ft.exporters import export
-from lowbit_ft.gguf_format import GGUF_FILE, llama_cpp_rows
-from lowbit_ft.mlx_format import load_mlx
+from lowbit_ft.formats.export import export
+from lowbit_ft.formats.gguf import GGUF_FILE, llama_cpp_rows
+from lowbit_ft.formats.mlx import load_mlx
+from lowbit_ft.quant.modules import quant_layers
 
 from .conftest import make_adapted_llama, make_tiny_llama, randomize_adapters
 
@@ -167,7 +167,7 @@ def test_gguf_tokenizer_metadata_is_what_llama_cpp_s_converter_wrote_for_smollm2
     tokenizer the model was trained with (test_runtimes.py checks that in llama.cpp)."""
     import gguf
 
-    from lowbit_ft.loading import smollm2_gguf
+    from lowbit_ft.formats.load import smollm2_gguf
 
     path = export(adapted(vocab=49152), tmp_path / "gguf", format="gguf", tokenizer=smol_tokenizer)
     ours = gguf.GGUFReader(path / GGUF_FILE).fields
@@ -295,7 +295,7 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
         "{1,3}", "")}}, {"type": "ByteLevel", "use_regex": False}]}, "default"),
 ])
 def test_gguf_names_the_byte_level_pre_tokenizer_llama_cpp_knows(pre, name):
-    from lowbit_ft.gguf_format import _bpe_pre_tokenizer
+    from lowbit_ft.formats.gguf import _bpe_pre_tokenizer
 
     assert _bpe_pre_tokenizer(pre) == name
 
@@ -309,7 +309,7 @@ def test_gguf_names_the_byte_level_pre_tokenizer_llama_cpp_knows(pre, name):
 def test_check_refuses_before_anything_is_written(fmt, change, dtype, message, smol_tokenizer):
     """exporters.check is what the CLI runs before the merge check and QuantizedExport before training:
     it catches what the writers would refuse only at the end."""
-    from lowbit_ft.exporters import check
+    from lowbit_ft.formats.export import check
 
     model = adapted(layout=BlockLayout.group(4, 64), vocab=49152)
     for key, value in change.items():

@@ -12,9 +12,9 @@ import torch
 
 from lowbit_ft import BlockLayout, load_quantized, quantize_model
 from lowbit_ft.cli import main
-from lowbit_ft.commands import module_from_checkpoint
-from lowbit_ft.convert import quant_layers
-from lowbit_ft.exporters import export
+from lowbit_ft.formats.export import export
+from lowbit_ft.quant.modules import quant_layers
+from lowbit_ft.train.checkpoint import module_from_checkpoint
 
 from .conftest import make_tiny_llama
 from .test_fit import fit_args
@@ -214,3 +214,55 @@ def test_overwrite_never_deletes_a_run_or_foreign_files(trained, tmp_path, capsy
     assert "is (or holds) the input" in capsys.readouterr().err and ckpt.is_file()
     main(["export", "--checkpoint", str(ckpt), "--output", str(merged), "--overwrite", "true"])  # our own: replaced
     assert (merged / "model.safetensors").is_file()
+
+
+def toy_format():
+    """A checkpoint format the package does not know: dense float32 weights in one safetensors file, marked by a
+    `toy_format` key in config.json. Registered by the test alone (no package file edited)."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowbit_ft.formats.format import CheckpointFormat
+    from lowbit_ft.quant.convert import dequantize_model
+
+    def save(model, out_dir, *, tokenizer, dtype, overwrite, model_card, round_zeros):
+        out = Path(out_dir)
+        out.mkdir()
+        dense = dequantize_model(copy.deepcopy(model), torch.float32)
+        save_file({k: v.detach().clone().contiguous() for k, v in dense.state_dict().items()}, out / "toy.safetensors")
+        (out / "config.json").write_text(json.dumps({**model.config.to_dict(), "toy_format": 1}))
+        tokenizer.save_pretrained(out)
+        return out
+
+    def load(path, dtype):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        model.load_state_dict(load_file(path / "toy.safetensors"))
+        return model.to(dtype).eval(), None
+
+    return CheckpointFormat("toy", save, detect=lambda path, config: config.get("toy_format") == 1, load=load)
+
+
+def test_a_format_registered_by_a_test_round_trips(trained, tmp_path, capsys, monkeypatch):
+    """A new format is one `CheckpointFormat` plus one registry entry: `lowbit-ft export --format toy` writes it
+    (merged), `load_model` recognises and reads it, and it computes what the adapter-on model did."""
+    from lowbit_ft.formats.load import load_model
+    from lowbit_ft.formats.registry import FORMATS
+
+    monkeypatch.setitem(FORMATS, "toy", toy_format())
+    ckpt = trained / "out/quickstart/version_0/checkpoints/last.ckpt"
+    out = tmp_path / "toy"
+    main(["export", "--checkpoint", str(ckpt), "--output", str(out), "--format", "toy", "--dtype", "float32"])
+    assert f"exported (toy)     {out.resolve()}" in capsys.readouterr().out
+    model, tokenizer = load_model(str(out))
+    assert not quant_layers(model) and tokenizer is not None
+    module = module_from_checkpoint(ckpt)
+    tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapter_on = module.model(tokens).logits
+        loaded = model(tokens).logits
+    assert (loaded - adapter_on).norm() / adapter_on.norm() < 1e-5
+    assert torch.equal(loaded.argmax(-1), adapter_on.argmax(-1))

@@ -252,10 +252,10 @@ def test_resume_refuses_changed_settings_naming_them(tiny_model_dir, tmp_path, c
 ])
 def test_bad_numbers_fail_before_the_model_loads(flag, value, message, tiny_model_dir, capsys, monkeypatch):
     """Harm 2: max_length -5 trained on cut examples (and looped forever with packing)."""
-    import lowbit_ft.module
+    import lowbit_ft.train.module
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model loaded")
 
-    monkeypatch.setattr(lowbit_ft.module, "quantized_base", no_load)
+    monkeypatch.setattr(lowbit_ft.train.module, "quantized_base", no_load)
     assert message in one_line_error(capsys, fit_args(tiny_model_dir, flag, value))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lowbit_ft.cli import main
-from lowbit_ft.generate import generate_answers
-from lowbit_ft.loading import load_model
+from lowbit_ft.evaluation.generate import generate_answers
+from lowbit_ft.formats.load import load_model
 
 
 def test_generate_writes_the_greedy_answers(tiny_model_dir, tmp_path, capsys):

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from lowbit_ft import BlockLayout, QuantLinear, quantize_model
-from lowbit_ft.convert import quant_layers, target_linears
-from lowbit_ft.gptq import calibrated_blocks, gptq_quantize
-from lowbit_ft.quantizer import rtn
+from lowbit_ft.quant.gptq import calibrated_blocks, gptq_quantize
+from lowbit_ft.quant.modules import quant_layers, target_linears
+from lowbit_ft.quant.quantizer import rtn
 
 from .conftest import make_tiny_llama
 

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowbit_ft import BlockLayout, QuantLinear, load_quantized, quantize_model, save_gptq
-from lowbit_ft.convert import quant_layers
-from lowbit_ft.gptq_format import from_gptq, to_gptq
-from lowbit_ft.quantizer import QuantizedWeight
+from lowbit_ft.formats.gptq import from_gptq, to_gptq
+from lowbit_ft.quant.modules import quant_layers
+from lowbit_ft.quant.quantizer import QuantizedWeight
 
 from .conftest import make_tiny_llama
 

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from lowbit_ft.cli import main
-from lowbit_ft.evaluate import evaluate_task
-from lowbit_ft.harness import run_harness
-from lowbit_ft.loading import load_model
+from lowbit_ft.evaluation.harness import run_harness
+from lowbit_ft.evaluation.multiple_choice import evaluate_task
+from lowbit_ft.formats.load import load_model
 
 TASK = "lowbit_local_mc"
 QUESTIONS = ["Question: What do plants need to make food?\nAnswer:", "The sky on a clear day is",

@@ -8,7 +8,8 @@ import torch
 
 from lowbit_ft import BlockLayout, quantize_model
 from lowbit_ft.adapters import attach
-from lowbit_ft.data import BUILTIN_DEMO, InstructionDataModule
+from lowbit_ft.records import BUILTIN_DEMO
+from lowbit_ft.train.data import InstructionDataModule
 
 from .conftest import make_tiny_llama
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import Precision
 
-import lowbit_ft.callbacks.merge_check as mc
+import lowbit_ft.adapters.verify as mc
 from lowbit_ft.adapters import REGISTRY
+from lowbit_ft.callbacks.merge_check import MergeCheck
 
 from .conftest import make_adapted_llama
 
@@ -35,11 +36,11 @@ def one_corrupted_zero(monkeypatch):
             hit["done"] = True
 
     def bad_dense(self, x):
-        self.wrapped.base.zeros[0, 0] += 1.0
+        self.wrapped.layer.zeros[0, 0] += 1.0
         try:
             return real_dense(self, x)
         finally:
-            self.wrapped.base.zeros[0, 0] -= 1.0
+            self.wrapped.layer.zeros[0, 0] -= 1.0
 
     monkeypatch.setattr(mc, "merge_into", bad_merge)
     monkeypatch.setattr(mc._DenseMerged, "forward", bad_dense)
@@ -64,7 +65,7 @@ def test_passes_on_a_correct_merge(name):
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_fails_when_one_zero_is_corrupted(name, monkeypatch):
     model = adapted(name)
-    check = mc.MergeCheck(on_mismatch="raise")
+    check = MergeCheck(on_mismatch="raise")
     check.batch = held_batch()
     # the two attributes of trainer and module the callback reads (a full fit is in test_export_cli)
     trainer = SimpleNamespace(loggers=[], global_step=0)
@@ -73,7 +74,7 @@ def test_fails_when_one_zero_is_corrupted(name, monkeypatch):
     assert check.run(trainer, module)["layer/max_rel"] < 1e-5
     with one_corrupted_zero(monkeypatch), pytest.raises(mc.MergeMismatchError, match="merge check failed"):
         check.run(trainer, module)
-    warn = mc.MergeCheck(on_mismatch="warn")
+    warn = MergeCheck(on_mismatch="warn")
     warn.batch = held_batch()
     with one_corrupted_zero(monkeypatch):
         assert warn.run(trainer, module)["layer/max_rel"] > 1e-4

@@ -6,9 +6,9 @@ from torch import nn
 
 from lowbit_ft import LowBitPrecision, QuantLinear
 from lowbit_ft.adapters import AdaptedLinear, adapted_layers, attach
-from lowbit_ft.convert import DEFAULT_TARGETS
-from lowbit_ft.data import InstructionDataModule
-from lowbit_ft.module import LowBitModule
+from lowbit_ft.quant.modules import DEFAULT_TARGETS
+from lowbit_ft.train.data import InstructionDataModule
+from lowbit_ft.train.module import LowBitModule
 
 
 def fit(module, tmp_path, steps=2, **plugin):
@@ -29,13 +29,13 @@ def test_plugin_leaves_no_float_weight_for_any_target(tiny_model_dir, tmp_path):
         if any(t in parts for t in DEFAULT_TARGETS):
             seen += 1
             kind = parts[parts.index(next(t for t in DEFAULT_TARGETS if t in parts)) + 1]
-            if kind == "base":
+            if kind == "layer":
                 assert name.endswith((".qweight", ".scales", ".zeros")), name
                 assert not tensor.requires_grad, name
             else:
                 assert kind == "adapter" and tensor.requires_grad, name
     assert seen == 14 * 3 + 14 * 2  # 14 packed layers (qweight, scales, zeros) + their adapters (A, B)
-    assert all(isinstance(m.base, QuantLinear) for m in adapted_layers(module.model).values())
+    assert all(isinstance(m.layer, QuantLinear) for m in adapted_layers(module.model).values())
 
 
 def test_dtype_cast_of_the_plugin_keeps_packed_buffers(tiny_model_dir, tmp_path):
@@ -45,7 +45,7 @@ def test_dtype_cast_of_the_plugin_keeps_packed_buffers(tiny_model_dir, tmp_path)
                         plugins=[LowBitPrecision(bits=4, group_size=32, dtype="bfloat16")])
     trainer.fit(module, InstructionDataModule(tokenizer=str(tiny_model_dir), limit=8, max_length=96, batch_size=4))
     layer = next(iter(adapted_layers(module.model).values()))
-    assert (layer.base.scales.dtype, layer.base.zeros.dtype) == (torch.float16, torch.float32)
+    assert (layer.layer.scales.dtype, layer.layer.zeros.dtype) == (torch.float16, torch.float32)
     assert module.model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert layer.adapter.lora_A.dtype == torch.float32  # adapters train in float32 under autocast
 

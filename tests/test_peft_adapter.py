@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from lowbit_ft import BlockLayout, quantize_model
 from lowbit_ft.adapters import adapted_layers
-from lowbit_ft.peft_adapter import attach_peft_adapter
+from lowbit_ft.formats.peft import attach_peft_adapter
 
 from .conftest import make_tiny_llama
 

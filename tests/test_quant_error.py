@@ -71,11 +71,11 @@ def test_fit_starts_from_quant_error(tiny_model_dir, tmp_path, monkeypatch, caps
     (("--model.init", "ones"), "model.init"),
 ])
 def test_quant_error_refused_where_it_does_not_apply(flags, message, tiny_model_dir, capsys, monkeypatch):
-    import lowbit_ft.module
+    import lowbit_ft.train.module
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model loaded")
 
-    monkeypatch.setattr(lowbit_ft.module, "quantized_base", no_load)
+    monkeypatch.setattr(lowbit_ft.train.module, "quantized_base", no_load)
     extra = flags if flags[0] == "--model.init" else ("--model.init", "quant_error", *flags)
     assert message in one_line_error(capsys, fit_args(tiny_model_dir, *extra))

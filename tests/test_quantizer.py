@@ -4,7 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit_ft import BlockLayout
-from lowbit_ft.quantizer import get_quantizer, rtn
+from lowbit_ft.quant.quantizer import rtn
+from lowbit_ft.quant.registry import get_quantizer
 
 LAYOUTS = [(1, 32), (1, 64), (8, 4), (2, 2)]
 
@@ -62,5 +63,5 @@ def test_nonfinite_weight_refused():
 
 
 def test_unknown_method_lists_known_ones():
-    with pytest.raises(ValueError, match=r"method='awq' is not a known quantizer: use one of \['rtn'\]"):
+    with pytest.raises(ValueError, match=r"method='awq' is not a known quantizer: use one of \['gptq', 'rtn'\]"):
         get_quantizer("awq")

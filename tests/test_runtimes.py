@@ -17,10 +17,10 @@ import torch
 
 from lowbit_ft import BlockLayout, load_model, load_quantized, quantize_model
 from lowbit_ft.adapters import attach, merged_view
-from lowbit_ft.convert import dequantize_model
-from lowbit_ft.exporters import export
-from lowbit_ft.gguf_format import GGUF_FILE
-from lowbit_ft.loading import smollm2_gguf
+from lowbit_ft.formats.export import export
+from lowbit_ft.formats.gguf import GGUF_FILE
+from lowbit_ft.formats.load import smollm2_gguf
+from lowbit_ft.quant.convert import dequantize_model
 
 from .conftest import make_tiny_llama, randomize_adapters
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lowbit_ft import BlockLayout
-from lowbit_ft.base import QuantSpec
-from lowbit_ft.convert import DEFAULT_TARGETS
-from lowbit_ft.report import probe_batch, quantize_and_report
+from lowbit_ft.quant.modules import DEFAULT_TARGETS
+from lowbit_ft.quant.report import probe_batch, quantize_and_report
+from lowbit_ft.quant.spec import QuantSpec
 
 pytestmark = pytest.mark.slow
 

@@ -56,7 +56,8 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict:
                          "not a lowbit-ft adapter file")
     cls = REGISTRY.get(metadata["adapter"])
     legacy = cls.legacy_hparams if cls is not None else {}  # hparams files from before they existed were trained with
-    return {"adapter": metadata["adapter"], "hparams": {**legacy, **json.loads(metadata["hparams"])},
+    stored = json.loads(metadata["hparams"])
+    return {"adapter": metadata["adapter"], "hparams": {**legacy, **(cls.current_names(stored) if cls else stored)},
             "targets": json.loads(metadata["targets"])}
 
 

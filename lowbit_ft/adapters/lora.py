@@ -6,7 +6,7 @@ Its ΔW varies inside every quantization block, so it merges only into dense 16-
 
 from __future__ import annotations
 
-from lowbit_ft.adapters.base import LowRankAdapter
+from lowbit_ft.adapters.adapter import LowRankAdapter
 
 
 class LoRA(LowRankAdapter):

@@ -9,13 +9,14 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lowbit_ft.adapters.base import AdaptedLinear, Adapter, aligned, merge_into, misaligned_message
+from lowbit_ft.adapters.adapter import AdaptedLinear, Adapter, aligned, merge_into, misaligned_message
 from lowbit_ft.adapters.registry import get_adapter_class
-from lowbit_ft.convert import set_submodule
-from lowbit_ft.quant_linear import QuantLinear, restored_zeros
+from lowbit_ft.quant.modules import set_submodule
+from lowbit_ft.quant.quant_linear import QuantLinear, restored_zeros
 
 
 def _build(cls: type[Adapter], name: str, base: QuantLinear, hparams: dict) -> Adapter:
+    hparams = cls.current_names(hparams)
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "in_features", "out_features",
                                                                     "base_layout"}
     unknown = sorted(set(hparams) - accepted)
@@ -69,12 +70,12 @@ def merge(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError("the model has no adapters to merge; attach(...) or load_adapters(...) first")
     for layer_name, wrapped in layers.items():
-        if not aligned(wrapped.adapter.tile, wrapped.base.layout):
+        if not aligned(wrapped.adapter.tile, wrapped.layer.layout):
             raise ValueError(f"{layer_name}: " + misaligned_message(wrapped.adapter_name, wrapped.adapter.tile,
-                                                                    wrapped.base.layout))
+                                                                    wrapped.layer.layout))
     for layer_name, wrapped in layers.items():
-        merge_into(wrapped.base, wrapped.adapter, wrapped.adapter_name)
-        set_submodule(model, layer_name, wrapped.base)
+        merge_into(wrapped.layer, wrapped.adapter, wrapped.adapter_name)
+        set_submodule(model, layer_name, wrapped.layer)
     return model
 
 
@@ -90,8 +91,7 @@ def merge_dense(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
         raise ValueError("the model has no adapters to merge; attach(...) or load_adapters(...) first")
     dtype = dtype or float_dtype(model)
     for layer_name, wrapped in layers.items():
-        delta = wrapped.adapter.delta_weight().to(torch.float64)
-        set_submodule(model, layer_name, wrapped.base.to_linear(dtype, delta))
+        set_submodule(model, layer_name, wrapped.to_linear(dtype))
     return model
 
 
@@ -108,7 +108,7 @@ def merged_view(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily merge every adapter into its layer's zeros (as `merge` does) and restore the
     adapter-on model exactly afterwards: the zeros are copied back, nothing else is duplicated."""
     layers = adapted_layers(model)
-    with restored_zeros(wrapped.base for wrapped in layers.values()):
+    with restored_zeros(wrapped.layer for wrapped in layers.values()):
         merge(model)
         try:
             yield model

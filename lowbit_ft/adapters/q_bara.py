@@ -6,7 +6,7 @@ A (2r × in/2), B (out/2 × 2r): the same parameter count as LoRA at rank r, but
 
 from __future__ import annotations
 
-from lowbit_ft.adapters.base import LowRankAdapter
+from lowbit_ft.adapters.adapter import LowRankAdapter
 
 
 class QBaRA(LowRankAdapter):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from lowbit_ft.adapters.base import LowRankAdapter
+from lowbit_ft.adapters.adapter import LowRankAdapter
 
 
 class QALoRA(LowRankAdapter):

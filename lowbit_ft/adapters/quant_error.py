@@ -1,5 +1,5 @@
 """`init: quant_error` — an output-aware start: the adapter begins as the block-constant correction that best
-undoes the base's rounding error on the layer's real inputs (issue 16).
+undoes the base's rounding error on the layer's real inputs.
 
 A block-constant ΔW cannot undo the rounding inside a block, but it can move each block's offset. For a
 layer with float weight W, dequantized base Ŵ, error E = W − Ŵ and input Gram matrix H = Σ xᵀx (of the
@@ -45,7 +45,7 @@ def init_from_quant_error(model: nn.Module, float_model: nn.Module, batches: lis
     """Set every adapter of `model` (a quantized model with adapters attached) to its quant_error start,
     from `float_model` (the same model before quantization) run on `batches` of token ids. Returns, per
     layer, the fraction of the calibration output error ‖E·X‖² the start removes (0: none, 1: all)."""
-    from lowbit_ft.gptq import calibrated_blocks  # the block-by-block input statistics GPTQ uses
+    from lowbit_ft.quant.gptq import calibrated_blocks  # the block-by-block input statistics GPTQ uses
 
     layers = adapted_layers(model)
     removed = {}
@@ -53,7 +53,7 @@ def init_from_quant_error(model: nn.Module, float_model: nn.Module, batches: lis
         for name, gram in grams.items():
             wrapped = layers[name]
             float_weight = float_model.get_submodule(name).weight.double().to(gram.device)
-            error = float_weight - wrapped.base.dequantize().double().to(gram.device)
+            error = float_weight - wrapped.layer.dequantize().double().to(gram.device)
             target, metric = block_least_squares(error, gram, wrapped.adapter.tile, damp)
             wrapped.adapter.start_from_block_delta(target.cpu(), metric.cpu())
             residual = error - wrapped.adapter.delta_weight().to(gram.device)

@@ -1,8 +1,8 @@
-"""The adapter registry: name → `Adapter` subclass. Adding an adapter is one line here (or `@register`)."""
+"""The adapter registry: name → `Adapter` subclass. A new adapter is one module plus one line here."""
 
 from __future__ import annotations
 
-from lowbit_ft.adapters.base import Adapter
+from lowbit_ft.adapters.adapter import Adapter
 from lowbit_ft.adapters.lora import LoRA
 from lowbit_ft.adapters.q_bara import QBaRA
 from lowbit_ft.adapters.qa_hira import QAHiRA
@@ -14,16 +14,6 @@ REGISTRY: dict[str, type[Adapter]] = {
     "q_bara": QBaRA,
     "qa_hira": QAHiRA,
 }
-
-
-def register(name: str):
-    """Class decorator: `@register("my_adapter")` adds an `Adapter` subclass to `REGISTRY`."""
-    def add(cls: type[Adapter]) -> type[Adapter]:
-        if not (isinstance(cls, type) and issubclass(cls, Adapter)):
-            raise TypeError(f"register({name!r}): {cls!r} is not an Adapter subclass")
-        REGISTRY[name] = cls
-        return cls
-    return add
 
 
 def get_adapter_class(name: str) -> type[Adapter]:

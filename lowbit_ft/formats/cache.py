@@ -1,0 +1,225 @@
+"""The base cache: the quantized base as one artifact, and its identity.
+
+`quantized_base(source, spec)` builds the base as a `QuantSpec` says, or reuses the copy a previous run wrote
+to the base cache (the project's lowbit format, keyed by source + spec), so GPTQ runs once and resume,
+validate and export see the very same codes. `fingerprint(model)` names a base by its codes, scales and
+zeros: a checkpoint records it, and whoever rebuilds the base for that checkpoint must match it.
+
+The cache lives in `$LOWBIT_FT_CACHE/bases` (default `~/.cache/lowbit_ft/bases`); each entry is a
+loadable lowbit directory with a `lowbit_base.json` that says what it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowbit_ft.adapters import AdaptedLinear
+from lowbit_ft.dtypes import DTYPES, dtype_name
+from lowbit_ft.formats.load import BUILTIN_SMOLLM2, load_model, load_quantized, load_tokenizer, smollm2_gguf
+from lowbit_ft.formats.lowbit import save_lowbit
+from lowbit_ft.kernels import unpack_codes
+from lowbit_ft.quant.modules import quant_layers
+from lowbit_ft.quant.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = "lowbit_base.json"
+CACHE_VERSION = 1  # bump when a quantizer's output changes for the same inputs: old entries are then not reused
+
+
+def _canonical_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """QuantLinear layers by the name they have without adapters (an adapted layer's `QuantLinear` is `NAME.layer`)."""
+    out = {}
+    for name, layer in quant_layers(model).items():
+        parent = name.removesuffix(".layer")
+        if parent != name and isinstance(model.get_submodule(parent), AdaptedLinear):
+            name = parent
+        out[name] = layer
+    return out
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> str:
+    """sha256 of every quantized layer's name, layout, codes, scales and zeros, in name order and canonical
+    dtypes (codes uint8, scales float32, zeros float64), so it does not depend on storage dtypes, packing,
+    device, or whether adapters are attached. Merged zeros change it: it names an unmerged base."""
+    digest = hashlib.sha256()
+    layers = _canonical_layers(model)
+    if not layers:
+        raise ValueError("the model has no quantized layers to fingerprint")
+    for name, layer in sorted(layers.items()):
+        lay = layer.layout
+        digest.update(f"{name}|{lay.bits}|{lay.block_out}|{lay.block_in}|{layer.out_features}|"
+                      f"{layer.in_features}\n".encode())
+        codes = unpack_codes(layer.qweight.cpu(), lay.bits)[:, : layer.in_features]
+        for tensor in (codes, layer.scales.float(), layer.zeros.double()):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def short(fp: str) -> str:
+    return fp.removeprefix("sha256:")[:12]
+
+
+def quantized_source(source: str) -> bool:
+    """Whether `source` is a directory holding an already quantized model (GPTQ, lowbit or MLX)."""
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return False
+    data = json.loads(config.read_text())
+    return "quantization_config" in data or "quantization" in data
+
+
+def _file_identity(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def source_identity(source: str) -> list:
+    """What a cache key knows of a float source: its files' paths, sizes and mtimes (cheap, and a rewrite
+    in place changes the mtime; a moved source is a new source)."""
+    path = smollm2_gguf() if source == BUILTIN_SMOLLM2 else Path(source)
+    if path.is_file():
+        return [_file_identity(path)]
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.base={source!r}: no such file or directory")
+    return [_file_identity(p) for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LOWBIT_FT_CACHE") or Path.home() / ".cache" / "lowbit_ft") / "bases"
+
+
+def cache_key(source: str, spec: QuantSpec, dtype: torch.dtype) -> str:
+    """Which cache entry holds `source` quantized by `spec` (loaded in `dtype`, which RTN sees)."""
+    data = {"version": CACHE_VERSION, "source": source_identity(source), "spec": spec.to_dict(),
+            "dtype": dtype_name(dtype)}
+    if spec.calibrated and spec.calibration_data and Path(spec.calibration_data).is_file():
+        data["calibration"] = _file_identity(Path(spec.calibration_data))
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@dataclass
+class QuantizedBase:
+    """A quantized base model and what identifies it.
+
+    spec is None when the source arrived quantized (a GPTQ / lowbit / MLX directory): its codes are
+    what they are. cache_key names the cache entry a built base was written to (or read from)."""
+
+    model: nn.Module
+    tokenizer: object
+    source: str
+    spec: QuantSpec | None
+    fingerprint: str
+    dtype: torch.dtype
+    cache_key: str | None = None
+
+    def record(self) -> dict:
+        """What a checkpoint stores about its base (JSON-able; read back by `read_record`)."""
+        layout = next(iter(quant_layers(self.model).values())).layout
+        return {"source": self.source, "spec": self.spec.to_dict() if self.spec else None,
+                "fingerprint": self.fingerprint, "dtype": dtype_name(self.dtype), "cache_key": self.cache_key,
+                "layout": str(layout)}
+
+
+def read_record(record: dict, where: str) -> tuple[QuantSpec | None, torch.dtype]:
+    spec = QuantSpec.from_dict(record["spec"], where) if record.get("spec") else None
+    dtype = DTYPES.get(record.get("dtype", "float32"))
+    if dtype is None:
+        raise ValueError(f"{where}: base dtype {record.get('dtype')!r} is unknown")
+    return spec, dtype
+
+
+def check_agrees(spec: QuantSpec, model: nn.Module, source: str) -> None:
+    """A base that arrived quantized must match the spec the config asks for (its layout and code width)."""
+    layouts = {layer.layout for layer in quant_layers(model).values()}
+    if layouts != {spec.layout}:
+        found = ", ".join(sorted(map(str, layouts)))
+        raise ValueError(f"model.base={source!r} is already quantized as {found}, but the LowBitPrecision plugin asks "
+                         f"for {spec.layout}: set the plugin's bits / group_size / block_out to the base's, or give "
+                         "a float model.base to quantize")
+
+
+def _load_cached(path: Path, source: str, dtype: torch.dtype, tokenizer=None) -> tuple[nn.Module, object, dict]:
+    try:
+        record = json.loads((path / RECORD_FILE).read_text())
+        model = load_quantized(path, dtype=dtype)
+    except Exception as err:  # truncated safetensors, bad JSON, missing files: all the same to the user
+        raise ValueError(f"base cache entry {path} is damaged ({type(err).__name__}): delete that directory") from None
+    if tokenizer is None:
+        tokenizer = load_tokenizer(str(path))
+    return model, tokenizer, record
+
+
+@torch.no_grad()
+def quantized_base(source: str, spec: QuantSpec | None, dtype: torch.dtype = torch.float32, *,
+                   cache: bool = True, cache_key_hint: str | None = None, progress: bool = True,
+                   where: str = "quantize") -> QuantizedBase:
+    """The base `source` quantized as `spec` says, on CPU in `dtype`.
+
+    A source that is already quantized (GPTQ / lowbit / MLX directory) loads as it is (and must agree with
+    `spec` if one is given). Otherwise the base cache is tried, first under `cache_key_hint` (a checkpoint's
+    recorded entry: found even when the source has moved), then under the key of (source, spec, dtype); on
+    a miss the float model is loaded, quantized and, with `cache`, written to the cache for the next run.
+    `where` prefixes quantization errors (e.g. the plugin whose settings do not fit the model)."""
+    if quantized_source(source):
+        model, tokenizer = load_model(source, dtype)
+        if spec is not None:
+            check_agrees(spec, model, source)
+        return QuantizedBase(model, tokenizer, source, None, fingerprint(model), dtype)
+    if spec is None:
+        raise ValueError(f"model.base={source!r} is a float model: add a lowbit_ft.LowBitPrecision plugin "
+                         "(bits, group_size) to quantize it, or give a GPTQ / lowbit directory")
+    root = cache_root()
+    if cache and cache_key_hint and (root / cache_key_hint / RECORD_FILE).is_file():
+        return _from_cache(root / cache_key_hint, source, spec, dtype)
+    key = cache_key(source, spec, dtype)
+    with _cache_lock(root, key) if cache else contextlib.nullcontext():
+        # under the lock: a run that started at the same time may have written the entry meanwhile
+        if cache and (root / key / RECORD_FILE).is_file():
+            return _from_cache(root / key, source, spec, dtype)
+        model, tokenizer = load_model(source, dtype)
+        print(f"quantizing base       {source}: {spec.describe()}", flush=True)
+        try:
+            spec.quantize(model, tokenizer, progress=progress)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        base = QuantizedBase(model.eval(), tokenizer, source, spec, fingerprint(model), dtype, key if cache else None)
+        if cache:
+            save_lowbit(model, root / key, tokenizer, dtype=dtype, extra_files={RECORD_FILE: json.dumps(base.record())})
+            print(f"cached base           {root / key}", flush=True)
+    return base
+
+
+def _from_cache(path: Path, source: str, spec: QuantSpec, dtype: torch.dtype) -> QuantizedBase:
+    model, tokenizer, record = _load_cached(path, source, dtype)
+    found = fingerprint(model)
+    if found != record.get("fingerprint"):
+        raise ValueError(f"base cache entry {path} is damaged (fingerprint {short(found)}, recorded "
+                         f"{short(str(record.get('fingerprint')))}): delete that directory")
+    log.info("quantized base from the cache: %s", path)
+    return QuantizedBase(model, tokenizer, source, spec, found, dtype, path.name)
+
+
+@contextlib.contextmanager
+def _cache_lock(root: Path, key: str):
+    """An exclusive lock per cache entry, so concurrent runs on one machine (or a shared file system that
+    supports flock) quantize a base once and the others wait and read it."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{key}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,156 @@
+"""Instruction records: Alpaca-format JSON/JSONL read and checked, rendered as prompts, tokenized with
+prompt-masked labels (what training, GPTQ calibration and evaluation share).
+
+A record is {"instruction": str, "output": str, "input": str (optional)}. The loss covers the response
+tokens only (prompt labels are -100). `path: builtin:demo` generates a small offline task set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+BUILTIN_DEMO = "builtin:demo"
+log = logging.getLogger(__name__)
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def demo_records(n: int = 512, seed: int = 0) -> list[dict]:
+    """A deterministic, offline instruction set of short tasks a small model learns in a few dozen steps."""
+    rng = random.Random(seed)
+    words = ["apple", "river", "planet", "garden", "window", "silver", "rocket", "forest", "button", "candle",
+             "dragon", "pencil", "mirror", "castle", "violin", "island"]
+    capitals = {"France": "Paris", "Italy": "Rome", "Japan": "Tokyo", "Spain": "Madrid", "Egypt": "Cairo",
+                "Canada": "Ottawa", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "India": "New Delhi"}
+    records = []
+    for _ in range(n):
+        kind = rng.randrange(5)
+        if kind == 0:
+            w = rng.choice(words)
+            records.append({"instruction": "Reverse the letters of the word.", "input": w, "output": w[::-1]})
+        elif kind == 1:
+            a, b = rng.randrange(100), rng.randrange(100)
+            records.append({"instruction": "Add the two numbers.", "input": f"{a} + {b}", "output": str(a + b)})
+        elif kind == 2:
+            text = " ".join(rng.sample(words, 2))
+            records.append({"instruction": "Write the text in uppercase.", "input": text, "output": text.upper()})
+        elif kind == 3:
+            country = rng.choice(sorted(capitals))
+            records.append({"instruction": f"What is the capital of {country}?", "input": "",
+                            "output": capitals[country]})
+        else:
+            nums = rng.sample(range(50), 4)
+            records.append({"instruction": "Sort the numbers in ascending order.",
+                            "input": ", ".join(map(str, nums)), "output": ", ".join(map(str, sorted(nums)))})
+    return records
+
+
+def read_json_lines(path: str | os.PathLike, key: str) -> list[tuple[str, object]]:
+    """(where, value) for each record of a .jsonl file (one JSON value per line; `where` = "line N") or a
+    .json file (a list; "record N"). Every problem is one line naming `key`, the file, and the line."""
+    path = Path(path)
+    what = f"{key}={str(path)!r}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: file not found")
+    if path.suffix not in (".json", ".jsonl"):
+        raise ValueError(f"{what}: {path.suffix or 'a file without extension'} is not supported; give records as "
+                         ".jsonl (one JSON object per line) or .json (a list of objects)")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what}: not UTF-8 text (byte {err.start}); re-save the file as UTF-8") from None
+    if not text.strip():
+        raise ValueError(f"{what}: the file is empty")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what}: line {err.lineno}: not valid JSON ({err.msg})") from None
+        return [(f"record {i}", value) for i, value in enumerate(values)]
+    out = []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a JSON string
+        if not line.strip():
+            continue
+        try:
+            out.append((f"line {number}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what}: line {number}: not valid JSON ({err.msg})") from None
+    return out
+
+
+def read_records(path: str, key: str = "data.path") -> list[dict]:
+    """Alpaca records from a local .json/.jsonl file, or the built-in demo set. Every record must be an
+    object with non-empty 'instruction' and 'output' strings ('input' optional); errors name the line."""
+    if path == BUILTIN_DEMO:
+        return demo_records()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{key}={path!r}: file not found; give a local Alpaca-format .json/.jsonl "
+                                f"file or '{BUILTIN_DEMO}'")
+    records = []
+    for where, record in read_json_lines(path, key):
+        if not isinstance(record, dict):
+            raise ValueError(f"{key}={path!r}: {where} is not a JSON object")
+        for field in ("instruction", "output"):
+            if not isinstance(record.get(field), str) or not record[field]:
+                raise ValueError(f"{key}={path!r}: {where} has no '{field}' string; every record needs "
+                                 "'instruction' and 'output' strings ('input' is optional)")
+        if not isinstance(record.get("input") or "", str):
+            raise ValueError(f"{key}={path!r}: {where}: 'input' must be a string")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{key}={path!r}: no records in the file")
+    return records
+
+
+def format_prompt(record: dict, template: str, tokenizer) -> str:
+    instruction, extra = record["instruction"], record.get("input") or ""
+    if template == "alpaca":
+        return (ALPACA_WITH_INPUT if extra else ALPACA_NO_INPUT).format(instruction=instruction, input=extra)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.template='chat': the tokenizer has no chat template; use data.template='alpaca'")
+    content = f"{instruction}\n\n{extra}" if extra else instruction
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def tokenize(record: dict, tokenizer, template: str, max_length: int) -> dict[str, list[int]]:
+    """input_ids and labels (prompt masked with -100), truncated to max_length; ends with EOS.
+
+    Prompt and response are tokenized as one text, with the tokenizer's special tokens (LLaMA's BOS),
+    so the response's first token is what the model sees at inference; the mask covers the tokens
+    of the prompt alone."""
+    prompt = format_prompt(record, template, tokenizer)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + record["output"])["input_ids"]
+    if ids[-1] != tokenizer.eos_token_id:
+        ids = ids + [tokenizer.eos_token_id]
+    n_prompt = len(prompt_ids) - (1 if prompt_ids and prompt_ids[-1] == tokenizer.eos_token_id else 0)
+    labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+
+
+def next_token_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, mask) for logits[..., :-1, :]: each position predicts the next token, and only response
+    tokens (label ≠ -100) count."""
+    targets = labels[..., 1:]
+    return targets, targets != IGNORE_INDEX
+
+
+def has_response(example: dict) -> bool:
+    """Whether truncation left at least one response token to learn from (or to score)."""
+    return any(label != IGNORE_INDEX for label in example["labels"])
