@@ -23,14 +23,14 @@ def is_terminal(stream) -> bool:
 
 
 class LineMixin:
-    """Turns a tqdm class into one that writes whole lines: a line when at least `LOG_INTERVAL_S` seconds
-    have passed since the last (none before the first step), and the final state on close — for a transient
-    bar (leave=False) only if it lasted long enough to have written a line. Mix in before the tqdm class."""
+    """Turns a tqdm class into one that writes whole lines: a line each time `LOG_INTERVAL_S` seconds have
+    passed since the bar started or last wrote, and the final state on close — for a transient bar
+    (leave=False) only if it lasted long enough to have written a line. Mix in before the tqdm class."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs["mininterval"] = kwargs["maxinterval"] = LOG_INTERVAL_S
         kwargs.pop("dynamic_ncols", None)
-        self._last_line, self._last_time, self._closing = "", float("-inf"), False
+        self._last_line, self._last_time, self._closing = "", time.monotonic(), False
         super().__init__(*args, **kwargs)
 
     @property

@@ -23,6 +23,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 from lowbit_ft.formats.format import CheckpointFormat
 from lowbit_ft.fsutil import atomic_directory
 from lowbit_ft.kernels import unpack_codes
+from lowbit_ft.progress import progress_bar
 from lowbit_ft.quant.modules import quant_layers
 
 GGUF_FILE = "model-Q4_1.gguf"
@@ -315,11 +317,14 @@ def save_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer, dtype: to
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a GGUF file, dequantized to plain float weights by transformers."""
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # transformers' GGUF reader shows a plain tqdm bar: ours writes whole lines when stderr is a log
+    with mock.patch.object(hf_gguf, "tqdm", progress_bar):
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     # transformers dequantizes GGUF to plain float weights but keeps its GGUF quantizer attached,
     # which makes .float()/.half() refuse and save_pretrained write a stale quantization_config
     model.hf_quantizer, model.is_quantized = None, False

@@ -165,6 +165,8 @@ def load_tokenizer(source: str):
 def load_model(source: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from 'smollm2' (the built-in SmolLM2-135M-Instruct), a .gguf file, a HF
     directory, or a directory of any registered quantized format (which load with QuantLinear layers)."""
+    if not is_terminal(sys.stderr):  # transformers' own loading bars would write carriage returns into a log
+        hf_logging.disable_progress_bar()
     if source == BUILTIN_SMOLLM2:
         source = str(smollm2_gguf())
     path = Path(source)
@@ -176,8 +178,6 @@ def load_model(source: str, dtype: torch.dtype = torch.float32):
             f"model={source!r}: not 'smollm2', a .gguf file, or a directory with config.json; check the path"
         )
     if fmt is None and "quantization_config" not in config:
-        if not is_terminal(sys.stderr):  # transformers' own loading bar would write carriage returns into a log
-            hf_logging.disable_progress_bar()
         model, tokenizer = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), None
     elif fmt is None or fmt.load is None:  # an unknown quant_method is refused there, by name
         model, tokenizer = load_quantized(path, dtype=dtype), None
