@@ -57,7 +57,7 @@ class MergeCheck(L.Callback):
             logger.log_metrics({f"merge_check/{k}": v for k, v in figures.items()}, step=trainer.global_step)
         log.info("merge check: %s", ", ".join(f"{k}={v:.3g}" for k, v in figures.items()))
         if figures["layer/max_rel"] > self.layer_rtol:
-            message = (f"merge check failed: a merged layer differs from base + adapter by "
+            message = (f"merge check failed: a merged layer differs from its quantized layer + adapter by "
                        f"{figures['layer/max_rel']:.3g} (relative; tolerance {self.layer_rtol:g})")
             if self.on_mismatch == "raise":
                 raise MergeMismatchError(message)

@@ -1,5 +1,5 @@
 """The `lowbit-ft` command line: a light dispatcher. `lowbit-ft --help` imports nothing heavy; a command
-imports what it needs when it runs (fit / validate: `lowbit_ft.fit_cli`; the others: `lowbit_ft.commands`,
+imports what it needs when it runs (fit / validate: `lowbit_ft.train.cli`; the others: `lowbit_ft.commands`,
 typed functions whose docstrings are their --help)."""
 
 from __future__ import annotations

@@ -26,12 +26,10 @@ from lowbit_ft.progress import progress_bar
 from lowbit_ft.quant.convert import dequantize_model
 from lowbit_ft.quant.modules import quant_layers
 from lowbit_ft.quant.report import QuantReport, logits_of, probe_batch, quantize_and_report
-from lowbit_ft.quant.spec import QuantSpec
+from lowbit_ft.quant.spec import DEFAULTS, QuantSpec
 from lowbit_ft.records import BUILTIN_DEMO, IGNORE_INDEX, read_records
 from lowbit_ft.train.checkpoint import module_from_checkpoint
 from lowbit_ft.train.module import NonFiniteLossError
-
-DEFAULTS = QuantSpec()  # every quantization option takes its default from the one table
 
 
 def quantize(
@@ -43,8 +41,8 @@ def quantize(
     symmetric: bool = DEFAULTS.symmetric,
     scale_dtype: str = DEFAULTS.scale_dtype,
     zero_dtype: str = DEFAULTS.zero_dtype,
-    targets: tuple[str, ...] = DEFAULTS.targets,
-    ignore_modules: tuple[str, ...] = DEFAULTS.ignore_modules,
+    targets: tuple[str, ...] | None = DEFAULTS.targets,
+    ignore_modules: tuple[str, ...] | None = DEFAULTS.ignore_modules,
     skip_indivisible: bool = DEFAULTS.skip_indivisible,
     calibration_data: str | None = DEFAULTS.calibration_data,
     calibration_samples: int = DEFAULTS.calibration_samples,
@@ -89,7 +87,8 @@ def quantize(
         overwrite: replace an existing --output directory.
     """
     spec = QuantSpec(bits=bits, group_size=group_size, block_out=block_out, method=method, symmetric=symmetric,
-                     scale_dtype=scale_dtype, zero_dtype=zero_dtype, targets=targets, ignore_modules=ignore_modules,
+                     scale_dtype=scale_dtype, zero_dtype=zero_dtype, targets=targets or (),
+                     ignore_modules=ignore_modules or (),
                      skip_indivisible=skip_indivisible, calibration_data=calibration_data or BUILTIN_DEMO,
                      calibration_samples=calibration_samples, calibration_length=calibration_length,
                      calibration_mode=calibration_mode, damp=damp)  # a typo fails here, before the model loads

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from tqdm.auto import tqdm as terminal_tqdm
 
 LOG_INTERVAL_S = 30.0
+IN_NOTEBOOK = any(cls.__module__ == "tqdm.notebook" for cls in terminal_tqdm.__mro__)  # tqdm.auto chose widgets
 LOG_FORMAT = "{desc}: {percentage:.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
 LOG_FORMAT_NO_TOTAL = "{desc}: {n_fmt} [{elapsed}{postfix}]"
 
@@ -70,6 +71,7 @@ class LineProgress(LineMixin, tqdm):
 
 
 def progress_bar(iterable=None, **kwargs) -> tqdm:
-    """A progress bar over `iterable` (tqdm's keyword arguments): live on a terminal, plain lines elsewhere."""
-    stream = kwargs.get("file") or sys.stderr
-    return (terminal_tqdm if is_terminal(stream) else LineProgress)(iterable, **kwargs)
+    """A progress bar over `iterable` (tqdm's keyword arguments): live on a terminal (or as a notebook widget),
+    plain lines elsewhere."""
+    live = IN_NOTEBOOK or is_terminal(kwargs.get("file") or sys.stderr)
+    return (terminal_tqdm if live else LineProgress)(iterable, **kwargs)

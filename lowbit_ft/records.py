@@ -8,7 +8,6 @@ tokens only (prompt labels are -100). `path: builtin:demo` generates a small off
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 from pathlib import Path
@@ -17,7 +16,6 @@ import torch
 
 IGNORE_INDEX = -100
 BUILTIN_DEMO = "builtin:demo"
-log = logging.getLogger(__name__)
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

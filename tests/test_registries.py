@@ -108,3 +108,23 @@ def test_qa_hira_files_that_name_the_width_block_in_still_load(tmp_path, tokens)
     assert {w.adapter.tile for w in adapted_layers(fresh).values()} == {(16, 8)}
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, fresh(tokens).logits)
+
+
+def test_detection_tells_an_mlx_lm_config_from_gptq(tmp_path):
+    """mlx-lm writes a "quantization" block and a quantization_config without quant_method: that is MLX."""
+    from lowbit_ft.formats.registry import detect_format
+
+    quant = {"group_size": 64, "bits": 4}
+    assert detect_format(tmp_path, {"quantization": quant, "quantization_config": quant}).name == "mlx"
+    assert detect_format(tmp_path, {"quantization_config": {**quant, "quant_method": "gptq"}}).name == "gptq"
+    assert detect_format(tmp_path, {"quantization_config": {**quant}}).name == "gptq"  # GPTQ's own files omit it
+    assert detect_format(tmp_path, {"quantization_config": {"quant_method": "lowbit"}}).name == "lowbit"
+    assert detect_format(tmp_path, {"model_type": "llama"}) is None
+
+
+def test_a_saved_config_with_null_targets_still_parses():
+    """Configs saved by earlier runs hold `targets: null` / `ignore_modules: null`: the spec's defaults."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(LowBitPrecision, "plugin")
+    config = parser.parse_string("plugin:\n  bits: 3\n  group_size: 32\n  targets: null\n  ignore_modules: null\n")
+    assert parser.instantiate_classes(config).plugin.spec == QuantSpec(bits=3, group_size=32)

@@ -55,7 +55,7 @@ def _restore(model: nn.Module, layers: dict[str, AdaptedLinear]) -> None:
 
 def _layer_error(wrapped: AdaptedLinear, x: torch.Tensor, worst_abs: float, worst_rel: float
                  ) -> tuple[float, float]:
-    """Merged layer vs base + adapter on input x (float32); returns the running worst abs / rel error."""
+    """Merged layer vs quantized layer + adapter on input x (float32); returns the running worst abs / rel error."""
     reference = wrapped.layer(x) + wrapped.adapter(x)
     if aligned(wrapped.adapter.tile, wrapped.layer.layout):
         with restored_zeros([wrapped.layer]):
@@ -69,7 +69,7 @@ def _layer_error(wrapped: AdaptedLinear, x: torch.Tensor, worst_abs: float, wors
 
 @torch.no_grad()
 def layer_errors(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Max abs / rel error of every merged layer vs base + adapter on the inputs the batch produces."""
+    """Max abs / rel error of every merged layer vs quantized layer + adapter on the inputs the batch produces."""
     worst_abs, worst_rel = 0.0, 0.0
     hooks = []
 

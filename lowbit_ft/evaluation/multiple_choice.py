@@ -102,7 +102,7 @@ def evaluate_task(model: nn.Module, tokenizer, path: str | Path, limit: int | No
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer, records: list[dict], max_length: int = 512,
                template: str = "alpaca") -> dict:
-    """Perplexity of Alpaca records, laid out as in training (`lowbit_ft.data.tokenize`: prompt template,
+    """Perplexity of Alpaca records, laid out as in training (`lowbit_ft.records.tokenize`: prompt template,
     BOS, EOS, truncation to max_length), token-weighted over all records.
 
     `response` covers the response tokens only — the tokens fine-tuning is trained on, the same figure as

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit_ft.adapters import adapted_layers
 from lowbit_ft.formats.format import CheckpointFormat
 from lowbit_ft.fsutil import write_checkpoint
 from lowbit_ft.kernels import pack_codes, unpack_codes, values_per_unit
@@ -164,7 +165,7 @@ def save_gptq(
     renamed into place, so a failure leaves `out_dir` untouched.
     """
     _check_format(checkpoint_format)
-    if any(".layer." in key or ".adapter." in key for key in model.state_dict()):
+    if adapted_layers(model):
         raise ValueError("model has adapters attached: lowbit_ft.adapters.merge(model) first (GPTQ holds integer "
                          "zeros, so only an unmerged base fits; merged models export in the lowbit format)")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -248,9 +249,10 @@ def round_zeros_error(model: nn.Module) -> float:
 
 
 def _is_gptq(path: Path, config: dict) -> bool:
+    # mlx-lm writes its "quantization" block and a quantization_config without quant_method: that is MLX
     qc = config.get("quantization_config")
-    return path.is_dir() and (qc is not None and qc.get("quant_method", "gptq") == "gptq"
-                              or qc is None and (path / "quantize_config.json").is_file())
+    return (path.is_dir() and "quantization" not in config and qc is not None
+            and qc.get("quant_method", "gptq") == "gptq")
 
 
 FORMAT = CheckpointFormat("gptq", export_gptq, detect=_is_gptq)

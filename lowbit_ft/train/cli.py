@@ -10,7 +10,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from lowbit_ft.adapters import save_adapters
+from lowbit_ft.adapters import REGISTRY, save_adapters
 from lowbit_ft.adapters.verify import MergeMismatchError
 from lowbit_ft.callbacks.progress import ParameterLine, StepProgressBar
 from lowbit_ft.formats.load import BUILTIN_SMOLLM2
@@ -35,6 +35,8 @@ def check_resume_config(ckpt_path: Path, config, subcommand: str) -> None:
     recorded file still exists (else it moved), GPTQ's calibration file not at all (the fingerprint covers it)."""
     ckpt = read_checkpoint(ckpt_path, "--ckpt_path")
     model = config.model.as_dict()
+    if model.get("adapter_args") and model.get("adapter") in REGISTRY:  # today's names, as checkpoint_hparams gives
+        model["adapter_args"] = REGISTRY[model["adapter"]].current_names(model["adapter_args"])
     pairs = [(f"model.{k}", v, model.get(k)) for k, v in checkpoint_hparams(ckpt).items()
              if not k.startswith("_") and k != "base"]
     if subcommand == "fit":

@@ -200,7 +200,7 @@ class LowBitModule(L.LightningModule):
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         path = getattr(getattr(datamodule, "hparams", None), "path", None)
         if path is None:
-            raise ValueError("LowBitPrecision method='gptq': set calibration_data (no training data file to "
+            raise ValueError("LowBitPrecision: set calibration_data (no training data file to "
                              "calibrate on)")
         return path if path == BUILTIN_DEMO else str(Path(path).resolve())
 

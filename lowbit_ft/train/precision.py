@@ -20,9 +20,7 @@ from torch import nn
 
 from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.quant.modules import quant_layers, target_linears
-from lowbit_ft.quant.spec import QuantSpec
-
-DEFAULTS = QuantSpec()  # the one table of quantization defaults: every key below takes its default from it
+from lowbit_ft.quant.spec import DEFAULTS, QuantSpec
 
 
 class LowBitPrecision(Precision):
@@ -59,7 +57,8 @@ class LowBitPrecision(Precision):
     def __init__(self, bits: int = DEFAULTS.bits, group_size: int = DEFAULTS.group_size,
                  block_out: int = DEFAULTS.block_out, method: str = DEFAULTS.method,
                  symmetric: bool = DEFAULTS.symmetric, dtype: str = "bfloat16",
-                 targets: tuple[str, ...] = DEFAULTS.targets, ignore_modules: tuple[str, ...] = DEFAULTS.ignore_modules,
+                 targets: tuple[str, ...] | None = DEFAULTS.targets,
+                 ignore_modules: tuple[str, ...] | None = DEFAULTS.ignore_modules,
                  calibration_data: str | None = DEFAULTS.calibration_data,
                  calibration_samples: int = DEFAULTS.calibration_samples,
                  calibration_length: int = DEFAULTS.calibration_length,
