@@ -54,6 +54,7 @@ class StepProgressBar(TQDMProgressBar):
     """One training bar over optimizer steps, kept across epochs: 'train 12/40 [loss=2.1, tok/s=950]'. When
     stdout is not a terminal, every bar is written as plain periodic lines instead."""
 
+    # the init_*_tqdm bodies are Lightning 2.x's (tqdm_progress.py), with the bar class chosen by where stdout goes
     def _bar(self, **kwargs) -> Tqdm:
         return (Tqdm if is_terminal(sys.stdout) else LineTqdm)(disable=self.is_disabled, dynamic_ncols=True,
                                                                file=sys.stdout, bar_format=self.BAR_FORMAT, **kwargs)
