@@ -75,9 +75,10 @@ def check(model: nn.Module, format: str, tokenizer=None, dtype: torch.dtype = to
 def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "lowbit", tokenizer=None,
            dtype: torch.dtype = torch.float16, round_zeros: bool = False, overwrite: bool = False,
            merge_figures: dict | None = None) -> Path:
-    """Write `model` (a HF causal LM with QuantLinear layers, with or without adapters) as `format`."""
+    """Write `model` (a HF causal LM with QuantLinear layers, with or without adapters) as `format`. The format's
+    save refuses what it cannot hold; `check` says so earlier, before the merge check or training."""
     fmt = get_format(format)
-    check(model, format, tokenizer, dtype)
+    _check_mergeable(model, fmt)
     out_dir = Path(out_dir)
     refuse_existing(out_dir, overwrite)
     adapters = {w.adapter_name for w in adapted_layers(model).values()}

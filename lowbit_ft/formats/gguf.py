@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit_ft.formats.format import CheckpointFormat
+from lowbit_ft.formats.format import CheckpointFormat, exact_save
 from lowbit_ft.fsutil import atomic_directory
 from lowbit_ft.kernels import unpack_codes
 from lowbit_ft.progress import progress_bar
@@ -332,14 +332,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     return model.eval(), tokenizer
 
 
-def export_gguf(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, dtype: torch.dtype = torch.float16,
-                overwrite: bool = False, model_card: str | None = None, round_zeros: bool = False) -> Path:
-    """The registry's save (Q4_1's per-block minimum holds merged zeros exactly: nothing to round)."""
-    return save_gguf(model, out_dir, tokenizer, dtype, overwrite, model_card=model_card)
-
-
 FORMAT = CheckpointFormat(
-    "gguf", export_gguf,
+    "gguf", exact_save(save_gguf),
     check=lambda model, tokenizer, dtype: check_gguf(model, tokenizer),
     detect=lambda path, config: path.suffix == ".gguf" and path.is_file(),
     load=load_gguf,

@@ -26,7 +26,7 @@ with quiet_loggers(*TORCHAO_IMPORT_NOISE):
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowbit_ft.dtypes import STORAGE_DTYPES, dtype_name
-from lowbit_ft.formats.format import CheckpointFormat
+from lowbit_ft.formats.format import CheckpointFormat, exact_save
 from lowbit_ft.fsutil import write_checkpoint
 from lowbit_ft.quant.layout import SUPPORTED_BITS, BlockLayout
 from lowbit_ft.quant.modules import quant_layers, set_submodule
@@ -139,14 +139,8 @@ def register_with_transformers() -> None:
 register_with_transformers()  # `from_pretrained(dir)` understands quant_method "lowbit" once this module loads
 
 
-def export_lowbit(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, dtype: torch.dtype = torch.float16,
-                  overwrite: bool = False, model_card: str | None = None, round_zeros: bool = False) -> Path:
-    """The registry's save (float zeros hold a merge exactly: `round_zeros` has nothing to round)."""
-    return save_lowbit(model, out_dir, tokenizer, dtype, overwrite, model_card=model_card)
-
-
 def _is_lowbit(path: Path, config: dict) -> bool:
     return path.is_dir() and (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
 
 
-FORMAT = CheckpointFormat("lowbit", export_lowbit, detect=_is_lowbit)
+FORMAT = CheckpointFormat("lowbit", exact_save(save_lowbit), detect=_is_lowbit)

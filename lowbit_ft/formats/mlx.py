@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lowbit_ft.dtypes import dtype_name
-from lowbit_ft.formats.format import CheckpointFormat
+from lowbit_ft.formats.format import CheckpointFormat, exact_save
 from lowbit_ft.fsutil import write_checkpoint
 from lowbit_ft.quant.layout import BlockLayout
 from lowbit_ft.quant.modules import quant_layers, set_submodule
@@ -137,14 +137,8 @@ def load_mlx(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.
     return model.eval()
 
 
-def export_mlx(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None, dtype: torch.dtype = torch.float16,
-               overwrite: bool = False, model_card: str | None = None, round_zeros: bool = False) -> Path:
-    """The registry's save (MLX biases hold merged zeros exactly: nothing to round)."""
-    return save_mlx(model, out_dir, tokenizer, dtype, overwrite, model_card=model_card)
-
-
 FORMAT = CheckpointFormat(
-    "mlx", export_mlx,
+    "mlx", exact_save(save_mlx),
     check=lambda model, tokenizer, dtype: check_mlx(model, dtype),
     detect=lambda path, config: path.is_dir() and "quantization" in config,
     load=lambda path, dtype: (load_mlx(path, dtype), None),

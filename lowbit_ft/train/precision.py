@@ -69,7 +69,8 @@ class LowBitPrecision(Precision):
         super().__init__()
         self.dtype = parse_dtype(dtype, "LowBitPrecision dtype")
         keys = {"bits": bits, "group_size": group_size, "block_out": block_out, "method": method,
-                "symmetric": symmetric, "targets": tuple(targets or ()), "ignore_modules": tuple(ignore_modules or ()),
+                "symmetric": symmetric, "targets": tuple(targets or DEFAULTS.targets),
+                "ignore_modules": tuple(ignore_modules or ()),
                 "calibration_data": calibration_data, "calibration_samples": calibration_samples,
                 "calibration_length": calibration_length, "calibration_mode": calibration_mode,
                 "scale_dtype": scale_dtype, "zero_dtype": zero_dtype, "skip_indivisible": skip_indivisible,
