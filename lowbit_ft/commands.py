@@ -21,6 +21,7 @@ from lowbit_ft.formats.gptq import save_gptq
 from lowbit_ft.formats.load import load_model, load_quantized, load_tokenizer
 from lowbit_ft.formats.lowbit import save_lowbit
 from lowbit_ft.formats.registry import get_format
+from lowbit_ft.formats.stream import open_float
 from lowbit_ft.fsutil import refuse_existing, write_json, write_text
 from lowbit_ft.progress import progress_bar
 from lowbit_ft.quant.convert import dequantize_model
@@ -99,19 +100,20 @@ def quantize(
                          f"block_out={block_out} needs --checkpoint_format lowbit (or auto)")
     if output is not None:
         refuse_existing(output, overwrite)
-    float_model, tokenizer = load_model(model)
-    batch = probe_batch(tokenizer, float_model.config.vocab_size)
-    report = quantize_and_report(float_model, batch, spec, tokenizer)
+    quantized, tokenizer, reader = open_float(model)  # a HF directory is read one decoder block at a time
+    batch = probe_batch(tokenizer, quantized.config.vocab_size)
+    report = quantize_and_report(quantized, batch, spec, tokenizer, reader)
     print(f"model                 {model}")
     print("\n".join(report.lines()))
-    print(f"fingerprint           {fingerprint(float_model)}")
+    print(f"fingerprint           {fingerprint(quantized)}")
     if output is not None:
         if checkpoint_format == "lowbit":
-            save_lowbit(float_model, output, tokenizer, dtype=torch.float32, overwrite=overwrite)
+            save_lowbit(quantized, output, tokenizer, dtype=torch.float32, overwrite=overwrite)
         else:
-            save_gptq(float_model, output, checkpoint_format, tokenizer, dtype=torch.float32, overwrite=overwrite)
-        reloaded = load_quantized(output)
-        before, after = logits_of(float_model, batch), logits_of(reloaded, batch)
+            save_gptq(quantized, output, checkpoint_format, tokenizer, dtype=torch.float32, overwrite=overwrite)
+        before = logits_of(quantized, batch)
+        del quantized, reader  # one packed model in memory at a time
+        after = logits_of(load_quantized(output), batch)
         print(f"reloaded max |Δlogit| {float((after - before).abs().max()):.3g}  (written and read back)")
         print(f"saved ({checkpoint_format})".ljust(22) + f"{Path(output).resolve()}")
     return report

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lowbit_ft.adapters.model import adapted_layers
+from lowbit_ft.quant.blocks import BlockVisitor, DropBlocks, Visitors
 
 
 def block_least_squares(error: torch.Tensor, gram: torch.Tensor, tile: tuple[int, int], damp: float = 0.01
@@ -41,15 +42,19 @@ def block_least_squares(error: torch.Tensor, gram: torch.Tensor, tile: tuple[int
 
 @torch.no_grad()
 def init_from_quant_error(model: nn.Module, float_model: nn.Module, batches: list[torch.Tensor],
-                          damp: float = 0.01, progress: bool = True) -> dict[str, float]:
+                          damp: float = 0.01, progress: bool = True, reader: BlockVisitor | None = None
+                          ) -> dict[str, float]:
     """Set every adapter of `model` (a quantized model with adapters attached) to its quant_error start,
     from `float_model` (the same model before quantization) run on `batches` of token ids. Returns, per
-    layer, the fraction of the calibration output error ‖E·X‖² the start removes (0: none, 1: all)."""
+    layer, the fraction of the calibration output error ‖E·X‖² the start removes (0: none, 1: all).
+    `float_model` is consumed block by block (each block freed when done; `reader`: the visitor that loads a
+    streamed one), so it never needs to fit in memory beside the quantized model."""
     from lowbit_ft.quant.gptq import calibrated_blocks  # the block-by-block input statistics GPTQ uses
 
     layers = adapted_layers(model)
     removed = {}
-    for grams in calibrated_blocks(float_model, list(layers), batches, desc="quant_error init", progress=progress):
+    for grams in calibrated_blocks(float_model, list(layers), batches, desc="quant_error init", progress=progress,
+                                   visitor=Visitors(reader, DropBlocks())):
         for name, gram in grams.items():
             wrapped = layers[name]
             float_weight = float_model.get_submodule(name).weight.double().to(gram.device)

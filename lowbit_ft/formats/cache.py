@@ -26,6 +26,7 @@ from lowbit_ft.adapters import AdaptedLinear
 from lowbit_ft.dtypes import DTYPES, dtype_name
 from lowbit_ft.formats.load import BUILTIN_SMOLLM2, load_model, load_quantized, load_tokenizer, smollm2_gguf
 from lowbit_ft.formats.lowbit import save_lowbit
+from lowbit_ft.formats.stream import open_float
 from lowbit_ft.kernels import unpack_codes
 from lowbit_ft.quant.modules import quant_layers
 from lowbit_ft.quant.spec import QuantSpec
@@ -149,10 +150,11 @@ def check_agrees(spec: QuantSpec, model: nn.Module, source: str) -> None:
                          "a float model.base to quantize")
 
 
-def _load_cached(path: Path, source: str, dtype: torch.dtype, tokenizer=None) -> tuple[nn.Module, object, dict]:
+def _load_cached(path: Path, source: str, dtype: torch.dtype, tokenizer=None, device: torch.device | str = "cpu"
+                 ) -> tuple[nn.Module, object, dict]:
     try:
         record = json.loads((path / RECORD_FILE).read_text())
-        model = load_quantized(path, dtype=dtype)
+        model = load_quantized(path, dtype=dtype, device=device)
     except Exception as err:  # truncated safetensors, bad JSON, missing files: all the same to the user
         raise ValueError(f"base cache entry {path} is damaged ({type(err).__name__}): delete that directory") from None
     if tokenizer is None:
@@ -163,16 +165,20 @@ def _load_cached(path: Path, source: str, dtype: torch.dtype, tokenizer=None) ->
 @torch.no_grad()
 def quantized_base(source: str, spec: QuantSpec | None, dtype: torch.dtype = torch.float32, *,
                    cache: bool = True, cache_key_hint: str | None = None, progress: bool = True,
-                   where: str = "quantize") -> QuantizedBase:
-    """The base `source` quantized as `spec` says, on CPU in `dtype`.
+                   where: str = "quantize", device: torch.device | str = "cpu") -> QuantizedBase:
+    """The base `source` quantized as `spec` says, on `device` in `dtype`.
 
     A source that is already quantized (GPTQ / lowbit / MLX directory) loads as it is (and must agree with
     `spec` if one is given). Otherwise the base cache is tried, first under `cache_key_hint` (a checkpoint's
     recorded entry: found even when the source has moved), then under the key of (source, spec, dtype); on
-    a miss the float model is loaded, quantized and, with `cache`, written to the cache for the next run.
-    `where` prefixes quantization errors (e.g. the plugin whose settings do not fit the model)."""
+    a miss the float model is quantized and, with `cache`, written to the cache for the next run: a HF directory
+    of safetensors one decoder block at a time (`lowbit_ft.formats.stream`), so host memory holds the packed
+    base, one float block and the float embeddings / lm_head, never the float model. Each block goes to `device`
+    once packed (or as read from the cache). `where` prefixes quantization errors (e.g. the plugin whose
+    settings do not fit the model)."""
     if quantized_source(source):
         model, tokenizer = load_model(source, dtype)
+        model.to(device)
         if spec is not None:
             check_agrees(spec, model, source)
         return QuantizedBase(model, tokenizer, source, None, fingerprint(model), dtype)
@@ -181,18 +187,19 @@ def quantized_base(source: str, spec: QuantSpec | None, dtype: torch.dtype = tor
                          "(bits, group_size) to quantize it, or give a GPTQ / lowbit directory")
     root = cache_root()
     if cache and cache_key_hint and (root / cache_key_hint / RECORD_FILE).is_file():
-        return _from_cache(root / cache_key_hint, source, spec, dtype)
+        return _from_cache(root / cache_key_hint, source, spec, dtype, device)
     key = cache_key(source, spec, dtype)
     with _cache_lock(root, key) if cache else contextlib.nullcontext():
         # under the lock: a run that started at the same time may have written the entry meanwhile
         if cache and (root / key / RECORD_FILE).is_file():
-            return _from_cache(root / key, source, spec, dtype)
-        model, tokenizer = load_model(source, dtype)
+            return _from_cache(root / key, source, spec, dtype, device)
+        model, tokenizer, reader = open_float(source, dtype, device)
         print(f"quantizing base       {source}: {spec.describe()}", flush=True)
         try:
-            spec.quantize(model, tokenizer, progress=progress)
+            spec.quantize(model, tokenizer, progress=progress, visitor=reader)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
+        model.to(device)  # what is outside the decoder blocks (a reader moved each block as it was packed)
         base = QuantizedBase(model.eval(), tokenizer, source, spec, fingerprint(model), dtype, key if cache else None)
         if cache:
             save_lowbit(model, root / key, tokenizer, dtype=dtype, extra_files={RECORD_FILE: json.dumps(base.record())})
@@ -200,8 +207,9 @@ def quantized_base(source: str, spec: QuantSpec | None, dtype: torch.dtype = tor
     return base
 
 
-def _from_cache(path: Path, source: str, spec: QuantSpec, dtype: torch.dtype) -> QuantizedBase:
-    model, tokenizer, record = _load_cached(path, source, dtype)
+def _from_cache(path: Path, source: str, spec: QuantSpec, dtype: torch.dtype, device: torch.device | str = "cpu"
+                ) -> QuantizedBase:
+    model, tokenizer, record = _load_cached(path, source, dtype, device=device)
     found = fingerprint(model)
     if found != record.get("fingerprint"):
         raise ValueError(f"base cache entry {path} is damaged (fingerprint {short(found)}, recorded "

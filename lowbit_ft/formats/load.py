@@ -48,7 +48,7 @@ def smollm2_gguf() -> Path:
     )
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -59,7 +59,7 @@ def _safetensors_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = key.rpartition(".")
     try:
         module = model.get_submodule(module_name)
@@ -82,14 +82,16 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", backend: str = "auto") -> nn.Module:
+def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", backend: str = "auto",
+                   device: torch.device | str = "cpu") -> nn.Module:
     """A HF causal LM whose linears are `QuantLinear`, read from a GPTQ or lowbit checkpoint directory.
 
     GPTQ: v1 ("gptq") and v2 ("gptq_v2") zeros, bits 2/3/4/8, desc_act false. lowbit: the project's
     own format (any block layout, float zeros; see `lowbit_ft.formats.lowbit`). The model skeleton is built on
     the meta device and each layer is filled straight from the packed tensors, so no fp16 copy of a
     quantized weight ever exists. Non-quantized tensors (embeddings, norms, lm_head) get `dtype`; "auto"
-    (as in transformers): the dtype config.json records, float16 if it records none.
+    (as in transformers): the dtype config.json records, float16 if it records none. Every tensor goes to
+    `device` as it is read (a GPU's memory then holds the packed base, never a host copy of it first).
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -106,7 +108,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", b
         del config.quantization_config  # we do the quantized loading; transformers must not
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    files = _safetensors_files(path)
+    files = safetensors_files(path)
     # a layer's tensors may sit in different shards: index every key's file first
     key_file: dict[str, Path] = {}
     for file in files:
@@ -131,7 +133,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", b
             except AttributeError:
                 raise ValueError(f"quantized layer {name} is not in the model described by config.json") from None
             tensors = {k: read(f"{name}.{k}") for k in GPTQ_KEYS if f"{name}.{k}" in key_file}
-            set_submodule(model, name, from_gptq(tensors, name=name, backend=backend, **qc))
+            set_submodule(model, name, from_gptq(tensors, name=name, backend=backend, **qc).to(device))
         quantized = set(layers)
     for key in key_file:
         owner = key.rsplit(".", 1)[0]
@@ -142,7 +144,8 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", b
             continue
         tensor = read(key)
         stored_format = owner in quantized  # packed codes, scales, zeros keep their dtypes
-        _assign(model, key, tensor.to(dtype) if tensor.is_floating_point() and not stored_format else tensor)
+        tensor = tensor.to(dtype) if tensor.is_floating_point() and not stored_format else tensor
+        assign_tensor(model, key, tensor.to(device))
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -150,7 +153,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", b
         raise ValueError(
             f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; incomplete or another model"
         )
-    return model.eval()
+    return model.to(device).eval()  # the rotary buffers the skeleton made on the CPU
 
 
 def load_tokenizer(source: str):
@@ -158,7 +161,7 @@ def load_tokenizer(source: str):
     path = smollm2_gguf() if source == BUILTIN_SMOLLM2 else Path(source)
     if path.suffix == ".gguf" and path.is_file():
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    if not _has_tokenizer(path):
+    if not has_tokenizer(path):
         raise FileNotFoundError(f"{source!r}: no tokenizer files (tokenizer.json / tokenizer_config.json) there")
     return AutoTokenizer.from_pretrained(path)
 
@@ -196,10 +199,10 @@ def load_model(source: str, dtype: torch.dtype = torch.float32):
             model, tokenizer = load_quantized(path, dtype=dtype), None
         else:
             model, tokenizer = fmt.load(path, dtype)
-    if tokenizer is None and path.is_dir() and _has_tokenizer(path):
+    if tokenizer is None and path.is_dir() and has_tokenizer(path):
         tokenizer = load_tokenizer(str(path))
     return model, tokenizer
 
 
-def _has_tokenizer(path: Path) -> bool:
+def has_tokenizer(path: Path) -> bool:
     return any((path / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))

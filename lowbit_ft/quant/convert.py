@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import nn
 
+from lowbit_ft.quant.blocks import BlockVisitor
 from lowbit_ft.quant.layout import BlockLayout
 from lowbit_ft.quant.modules import DEFAULT_TARGETS, quant_layers, set_submodule, target_linears
 from lowbit_ft.quant.registry import get_quantizer
@@ -56,6 +57,7 @@ def quantize_model(
     skip_indivisible: bool = False,
     damp: float = 0.01,
     progress: bool = True,
+    visitor: BlockVisitor | None = None,
 ) -> nn.Module:
     """Replace every target `nn.Linear` of `model` by a `QuantLinear`, layer by layer, in place.
 
@@ -63,15 +65,17 @@ def quantize_model(
     input model's size. Which layers: `quantizable` (e.g. SmolLM2's 576-wide inputs with g = 128 are an
     error, or stay 16-bit with `skip_indivisible=True`); `exclude` lists module-name prefixes to leave
     alone (e.g. "model.layers.0."). `method="gptq"` needs `calibration` token ids (one batch × seq
-    tensor, or a list of them) and quantizes block by block on them (see `lowbit_ft.quant.gptq`). Returns
-    the same model.
+    tensor, or a list of them) and quantizes block by block on them (see `lowbit_ft.quant.gptq`). `visitor`
+    is called around each decoder block (a model streamed from disk loads each block there:
+    `lowbit_ft.formats.stream`). Returns the same model.
     """
     quantizer = get_quantizer(method)
     names = quantizable(model, layout, targets, exclude, skip_indivisible)
     if quantizer.needs_calibration and calibration is None:
         raise ValueError(f"method={method!r} needs calibration token ids: quantize_model(..., calibration=ids)")
     return quantizer.quantize(model, names, layout, calibration=calibration, symmetric=symmetric,
-                              scale_dtype=scale_dtype, zero_dtype=zero_dtype, damp=damp, progress=progress)
+                              scale_dtype=scale_dtype, zero_dtype=zero_dtype, damp=damp, progress=progress,
+                              visitor=visitor)
 
 
 @torch.no_grad()

@@ -11,14 +11,14 @@ column (GPTQ's "groups", generalised to (block_out, block_in) blocks).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from lowbit_ft.progress import progress_bar
+from lowbit_ft.quant.blocks import BlockVisitor, block_inputs, decoder_blocks, forward_hooks, hidden_of, to_device
 from lowbit_ft.quant.layout import BlockLayout
 from lowbit_ft.quant.modules import set_submodule, target_linears
 from lowbit_ft.quant.quant_linear import QuantLinear
@@ -63,10 +63,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout: BlockLayo
     return QuantizedWeight(codes=codes, scales=scales, zeros=zeros)
 
 
-class _Stop(Exception):
-    pass
-
-
 class _Hessian:
     """Forward hook keeping H = 2·XᵀX / n over every input row the linear has seen. Linears fed the same
     tensor (q/k/v, gate/up) share one XᵀX through `shared`: it is the costly part."""
@@ -91,14 +87,15 @@ def gptq_quantize_model(model: nn.Module, layout: BlockLayout, calibration: torc
                         names: list[str] | None = None, *, symmetric: bool = False,
                         scale_dtype: torch.dtype = torch.float16, zero_dtype: torch.dtype = torch.float32,
                         damp: float = 0.01, device: torch.device | str | None = None,
-                        progress: bool = True) -> nn.Module:
+                        progress: bool = True, visitor: BlockVisitor | None = None) -> nn.Module:
     """Quantize a HF LLaMA-family model in place with GPTQ, block by block, on `calibration` token ids: one
     (batch × seq) tensor, or a list of them (e.g. one (1 × len) tensor per record, so records of any length
     calibrate without padding). Every linear is calibrated on what the already-quantized linears before it
     (earlier blocks, earlier groups of its own block) give it. `names`: the linears to quantize (default:
     every target linear; see `lowbit_ft.quant.convert.quantizable`).
     `device`: where each decoder block is calibrated and quantized, one block at a time (default: CUDA when
-    there is one, so a model loaded on the CPU is quantized on the GPU without ever being there whole)."""
+    there is one, so a model loaded on the CPU is quantized on the GPU without ever being there whole).
+    `visitor`: called around each decoder block (see `lowbit_ft.quant.blocks`; a streaming reader loads it)."""
     batches = [calibration] if torch.is_tensor(calibration) else list(calibration)
     if not batches or any(b.dim() != 2 or b.numel() == 0 for b in batches):
         raise ValueError("GPTQ calibration: give (batch × seq) token-id tensors, at least one non-empty")
@@ -107,7 +104,7 @@ def gptq_quantize_model(model: nn.Module, layout: BlockLayout, calibration: torc
         linear = model.get_submodule(name)
         layout.check(linear.out_features, linear.in_features, name=name)
     for hessians in calibrated_blocks(model, names, batches, sequential=True, device=device, desc=f"GPTQ {layout}",
-                                      progress=progress):
+                                      progress=progress, visitor=visitor):
         for name, hessian in hessians.items():
             linear = model.get_submodule(name)
             quantized = gptq_quantize(linear.weight, hessian, layout, symmetric=symmetric, scale_dtype=scale_dtype,
@@ -120,7 +117,8 @@ def gptq_quantize_model(model: nn.Module, layout: BlockLayout, calibration: torc
 @torch.no_grad()
 def calibrated_blocks(model: nn.Module, names: list[str], batches: list[torch.Tensor], *, sequential: bool = False,
                       device: torch.device | str | None = None, desc: str = "calibrating",
-                      progress: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+                      progress: bool = True, visitor: BlockVisitor | None = None
+                      ) -> Iterator[dict[str, torch.Tensor]]:
     """Walk a HF LLaMA-family model's decoder blocks in order, feeding each the previous block's outputs on
     `batches` (token-id tensors), and yield per block {linear name: H = 2·XᵀX / n of its inputs} for the
     linears of `names` in it. The consumer may change what it was given before asking for the next (GPTQ
@@ -129,11 +127,13 @@ def calibrated_blocks(model: nn.Module, names: list[str], batches: list[torch.Te
     `sequential` (GPTQ's "true sequential"): yield each block's linears in groups of those fed one input,
     in the order the forward calls them (q/k/v, o, gate/up, down), each group's H measured after the groups
     before it were changed, so o_proj is calibrated on what the quantized q/k/v give it. Each block runs on
-    `device` (default: CUDA when there is one), one at a time."""
+    `device` (default: CUDA when there is one), one at a time, between `visitor.before` and `visitor.after`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    blocks = model.model.layers
-    inputs = [_to(_block_inputs(model, blocks[0], ids), device) for ids in batches]  # (hidden, kwargs) per batch
-    for index, decoder in enumerate(progress_bar(blocks, desc=desc, disable=not progress, leave=False)):
+    visitor = visitor or BlockVisitor()
+    inputs = [to_device(block_inputs(model, ids), device) for ids in batches]  # (hidden, kwargs) per batch
+    for index, decoder in enumerate(progress_bar(decoder_blocks(model), desc=desc, disable=not progress,
+                                                 leave=False)):
+        visitor.before(index, decoder)
         home = next(decoder.parameters()).device
         decoder.to(device)
         prefix = f"model.layers.{index}."
@@ -142,12 +142,13 @@ def calibrated_blocks(model: nn.Module, names: list[str], batches: list[torch.Te
             shared: dict = {}
             linears = {n: model.get_submodule(n) for n in group}
             hessians = {n: _Hessian(m.in_features, shared, device) for n, m in linears.items()}
-            with _forward_hooks({m: hessians[n] for n, m in linears.items()}):
+            with forward_hooks({m: hessians[n] for n, m in linears.items()}):
                 for hidden, kwargs in inputs:
                     decoder(hidden, **kwargs)
             yield {name: hessian.h for name, hessian in hessians.items()}
-        inputs = [(_hidden(decoder(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+        inputs = [(hidden_of(decoder(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
         decoder.to(home)
+        visitor.after(index, decoder)
     if not all(math.isfinite(float(hidden.float().abs().max())) for hidden, _ in inputs):
         raise ValueError(f"{desc}: non-finite activations; raise damp or check the calibration data")
 
@@ -166,63 +167,18 @@ def _input_groups(model: nn.Module, decoder: nn.Module, names: list[str], batch:
             groups.append((args[0], [name]))
         return hook
 
-    with _forward_hooks({model.get_submodule(n): record(n) for n in names}):
+    with forward_hooks({model.get_submodule(n): record(n) for n in names}):
         hidden, kwargs = batch
         decoder(hidden, **kwargs)
     return [group for _, group in groups]
 
 
-@contextlib.contextmanager
-def _forward_hooks(hooks: dict[nn.Module, Callable]) -> Iterator[None]:
-    """Each module's forward hook registered for the `with` body, and removed after it, also on errors."""
-    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _to(value, device: torch.device):
-    """`value` (tensors inside tuples, lists and dicts) moved to `device`."""
-    if torch.is_tensor(value):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
-def _hidden(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _block_inputs(model: nn.Module, first_block: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """What the first decoder block receives for `ids`: the embeddings and the keyword arguments (mask,
-    rotary embeddings) the model computes for them."""
-    captured: dict = {}
-
-    def grab(_module, args, kwargs):
-        captured["hidden"], captured["kwargs"] = args[0] if args else kwargs.pop("hidden_states"), kwargs
-        raise _Stop
-
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        model(input_ids=ids.to(model.get_input_embeddings().weight.device), use_cache=False)  # no KV cache
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured["hidden"], captured["kwargs"]
-
-
 def quantize(model: nn.Module, names: list[str], layout: BlockLayout, *, calibration, symmetric: bool = False,
              scale_dtype: torch.dtype = torch.float16, zero_dtype: torch.dtype = torch.float32, damp: float = 0.01,
-             progress: bool = True) -> nn.Module:
+             progress: bool = True, visitor: BlockVisitor | None = None) -> nn.Module:
     """The registry's entry point: `gptq_quantize_model` on the linears `names`."""
     return gptq_quantize_model(model, layout, calibration, names, symmetric=symmetric, scale_dtype=scale_dtype,
-                               zero_dtype=zero_dtype, damp=damp, progress=progress)
+                               zero_dtype=zero_dtype, damp=damp, progress=progress, visitor=visitor)
 
 
 QUANTIZER = Quantizer("gptq", quantize, needs_calibration=True)

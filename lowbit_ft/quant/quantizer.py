@@ -80,8 +80,11 @@ def rtn(
 @dataclass(frozen=True)
 class Quantizer:
     """A quantizer as `QuantSpec.method` names it. `quantize(model, names, layout, *, calibration, symmetric,
-    scale_dtype, zero_dtype, damp, progress)` replaces the `nn.Linear`s called `names` by `QuantLinear`s in
-    place and returns the model; `calibration` (token-id batches) is given only to quantizers that need it."""
+    scale_dtype, zero_dtype, damp, progress, visitor)` replaces the `nn.Linear`s called `names` by `QuantLinear`s in
+    place and returns the model; `calibration` (token-id batches) is given only to quantizers that need it. It
+    visits the decoder blocks in order, calling `visitor.before(i, block)` before it reads block i's weights and
+    `visitor.after(i, block)` when it is done with them (`lowbit_ft.quant.blocks`): a model streamed from disk
+    is only loaded there."""
 
     name: str
     quantize: Callable[..., nn.Module]

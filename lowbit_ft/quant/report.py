@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowbit_ft.quant.blocks import BlockVisitor, LogitProbe, Visitors
 from lowbit_ft.quant.layout import BlockLayout
 from lowbit_ft.quant.modules import quant_layers, target_linears
 from lowbit_ft.quant.spec import QuantSpec
@@ -67,15 +68,17 @@ class QuantReport:
         ]
 
 
-def quantize_and_report(model: nn.Module, batch: dict[str, torch.Tensor], spec: QuantSpec, tokenizer=None
-                        ) -> QuantReport:
-    """Quantize `model` in place as `spec` says and measure it against its own logits from before."""
-    reference = logits_of(model, batch)
+def quantize_and_report(model: nn.Module, batch: dict[str, torch.Tensor], spec: QuantSpec, tokenizer=None,
+                        reader: BlockVisitor | None = None) -> QuantReport:
+    """Quantize `model` in place as `spec` says and measure it against its own logits from before. The float and
+    the quantized logits come out of the quantizing pass itself, block by block (`LogitProbe`), so the report
+    costs no second copy of the model; `reader`: the visitor that loads each block of a streamed model."""
     targets = len(target_linears(model, spec.targets, spec.ignore_modules))
-    spec.quantize(model, tokenizer)
+    probe = LogitProbe(model, batch)
+    spec.quantize(model, tokenizer, visitor=Visitors(reader, probe))
+    reference, logits = probe.logits()
     layers = quant_layers(model)
     params = sum(m.in_features * m.out_features for m in layers.values())
-    logits = logits_of(model, batch)
     mask = batch.get("attention_mask", torch.ones(logits.shape[:2], dtype=torch.long)).bool()
     ref, got = reference[mask], logits[mask]
     return QuantReport(

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lowbit_ft.dtypes import STORAGE_DTYPES
+from lowbit_ft.quant.blocks import BlockVisitor
 from lowbit_ft.quant.convert import quantize_model
 from lowbit_ft.quant.layout import BlockLayout
 from lowbit_ft.quant.modules import DEFAULT_TARGETS, NEVER_QUANTIZED
@@ -108,14 +109,17 @@ class QuantSpec:
                      f"{self.calibration_data} ({self.calibration_mode})")
         return text
 
-    def quantize(self, model: nn.Module, tokenizer=None, progress: bool = True) -> nn.Module:
-        """Quantize `model` (float) in place as this spec says; GPTQ reads its calibration text with `tokenizer`."""
+    def quantize(self, model: nn.Module, tokenizer=None, progress: bool = True,
+                 visitor: BlockVisitor | None = None) -> nn.Module:
+        """Quantize `model` (float) in place as this spec says; GPTQ reads its calibration text with `tokenizer`.
+        `visitor`: called around each decoder block (`lowbit_ft.quant.blocks`)."""
         calibration = calibration_batches(tokenizer, self) if self.calibrated else None
         return quantize_model(model, self.layout, self.method, self.targets, exclude=self.ignore_modules,
                               calibration=calibration, symmetric=self.symmetric,
                               scale_dtype=STORAGE_DTYPES[self.scale_dtype],
                               zero_dtype=STORAGE_DTYPES[self.zero_dtype],
-                              skip_indivisible=self.skip_indivisible, damp=self.damp, progress=progress)
+                              skip_indivisible=self.skip_indivisible, damp=self.damp, progress=progress,
+                              visitor=visitor)
 
 
 def calibration_batches(tokenizer, spec: QuantSpec) -> list[torch.Tensor]:

@@ -25,7 +25,7 @@ from lowbit_ft import adapters
 from lowbit_ft.adapters.quant_error import init_from_quant_error
 from lowbit_ft.checks import check_number
 from lowbit_ft.formats.cache import QuantizedBase, fingerprint, quantized_base, quantized_source, short
-from lowbit_ft.formats.load import load_model
+from lowbit_ft.formats.stream import open_float
 from lowbit_ft.quant.modules import quant_layers
 from lowbit_ft.quant.spec import QuantSpec, calibration_batches
 from lowbit_ft.records import BUILTIN_DEMO, IGNORE_INDEX, next_token_labels
@@ -181,10 +181,10 @@ class LowBitModule(L.LightningModule):
         record), and each adapter takes the block delta that best cancels its layer's rounding error there."""
         spec = dataclasses.replace(self.base.spec, calibration_data=self.base.spec.calibration_data
                                    or self._training_data(), calibration_mode="per_record")
-        float_model, tokenizer = load_model(str(self.hparams.base))
+        float_model, tokenizer, reader = open_float(str(self.hparams.base))
         batches = calibration_batches(tokenizer or self.base.tokenizer, spec)
-        removed = init_from_quant_error(self.model, float_model.eval(), batches, damp=spec.damp)
-        del float_model
+        removed = init_from_quant_error(self.model, float_model.eval(), batches, damp=spec.damp, reader=reader)
+        del float_model, reader
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for param in self.model.parameters():  # every rank starts from rank 0's adapters exactly
                 if param.requires_grad:

@@ -1,0 +1,106 @@
+"""Building the packed base from a float checkpoint one decoder block at a time (`lowbit_ft.formats.stream`):
+the same codes as quantizing the whole model, with at most one float block in memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowbit_ft.formats.cache import fingerprint
+from lowbit_ft.formats.load import load_model
+from lowbit_ft.formats.stream import open_float
+from lowbit_ft.quant.blocks import BlockVisitor, Visitors, decoder_blocks
+from lowbit_ft.quant.modules import quant_layers
+from lowbit_ft.quant.report import logits_of, quantize_and_report
+from lowbit_ft.quant.spec import QuantSpec
+
+from .conftest import make_tiny_llama
+
+
+@pytest.fixture
+def sharded_dir(tmp_path):
+    """A tiny float LLaMA (3 blocks) saved as bf16 shards small enough that blocks span several files."""
+    model = make_tiny_llama(seed=3, layers=3)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "float", max_shard_size="40KB")
+    assert len(list((tmp_path / "float").glob("*.safetensors"))) > 3
+    return tmp_path / "float"
+
+
+class FloatBlocksSeen(BlockVisitor):
+    """Records, whenever a pass enters a block, how many decoder blocks hold float linear weights."""
+
+    def __init__(self):
+        self.counts = []
+
+    def before(self, index, block):
+        self.counts.append(sum(any(p.is_floating_point() and not p.is_meta and p.dim() == 2
+                                   for p in b.parameters()) for b in decoder_blocks(self.model)))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_streamed_base_has_the_codes_of_the_whole_model_and_one_float_block_at_a_time(sharded_dir, method):
+    spec = QuantSpec(bits=3, group_size=32, method=method, calibration_samples=2, calibration_length=16)
+    batches = [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))]
+
+    def quantize(model, visitor):
+        if method == "rtn":
+            return spec.quantize(model, progress=False, visitor=visitor)
+        from lowbit_ft.quant.gptq import gptq_quantize_model
+        return gptq_quantize_model(model, spec.layout, batches, progress=False, visitor=visitor)
+
+    whole, _ = load_model(str(sharded_dir), torch.float32)
+    quantize(whole, None)
+    streamed, _, reader = open_float(str(sharded_dir), torch.float32)
+    assert reader is not None and all(p.is_meta for p in decoder_blocks(streamed).parameters())
+    seen = FloatBlocksSeen()
+    seen.model = streamed
+    quantize(streamed, Visitors(reader, seen))
+    assert seen.counts == [1, 1, 1]  # the block being quantized; those before it are packed, those after unread
+    assert fingerprint(streamed) == fingerprint(whole)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), streamed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    ids = batches[0]
+    assert torch.equal(logits_of(whole, {"input_ids": ids}), logits_of(streamed, {"input_ids": ids}))
+
+
+def test_the_report_measured_block_by_block_equals_whole_model_forwards(sharded_dir):
+    """The report's float and quantized logits come from the quantizing pass itself: the same numbers as a
+    forward of the float model before and of the packed model after."""
+    batch = {"input_ids": torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(1)),
+             "attention_mask": torch.tensor([[1] * 12, [1] * 9 + [0] * 3, [1] * 12])}
+    spec = QuantSpec(bits=2, group_size=32)
+    whole, _ = load_model(str(sharded_dir), torch.float32)
+    reference = logits_of(whole, batch)
+    spec.quantize(whole, progress=False)
+    quantized = logits_of(whole, batch)
+    mask = batch["attention_mask"].bool()
+    expected = float((quantized[mask] - reference[mask]).norm() / reference[mask].norm())
+    streamed, _, reader = open_float(str(sharded_dir), torch.float32)
+    report = quantize_and_report(streamed, batch, spec, reader=reader)
+    assert report.relative_logit_error == pytest.approx(expected, rel=1e-5)
+    assert expected > 0.05  # INT2: far from zero, so a report that compared a model with itself would fail
+    assert report.quantized_layers == len(quant_layers(whole)) == 21
+
+
+def test_a_block_missing_from_the_shards_is_named_before_it_is_needed(sharded_dir):
+    index_file = sharded_dir / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    victim = "model.layers.1.mlp.down_proj.weight"
+    file = sharded_dir / index["weight_map"].pop(victim)
+    tensors = load_file(file)
+    del tensors[victim]
+    save_file(tensors, file, metadata={"format": "pt"})
+    index_file.write_text(json.dumps(index))
+    model, _, reader = open_float(str(sharded_dir), torch.float32)
+    with pytest.raises(ValueError, match=r"checkpoint lacks model\.layers\.1\.mlp\.down_proj\.weight"):
+        QuantSpec(bits=4, group_size=32).quantize(model, progress=False, visitor=reader)
+
+
+def test_shards_for_more_blocks_than_the_config_has_are_refused_at_open(sharded_dir):
+    config = json.loads((sharded_dir / "config.json").read_text())
+    (sharded_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    with pytest.raises(ValueError, match=r"model\.layers\.2\.\* is beyond num_hidden_layers"):
+        open_float(str(sharded_dir), torch.float32)
