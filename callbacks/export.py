@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 
-from lowbit_ft.callbacks.merge_check import MergeCheck
+from lowbit_ft.callbacks.merge_check import MergeCheck, whole_model
 from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.formats.export import check, export
 from lowbit_ft.formats.load import load_tokenizer
@@ -43,10 +43,11 @@ class QuantizedExport(L.Callback):
         return load_tokenizer(source) if source else None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = whole_model(pl_module)  # every rank: a sharded run gathers the adapters to rank 0
         if not trainer.is_global_zero:
             return
         figures = next((cb.results for cb in trainer.callbacks if isinstance(cb, MergeCheck) and cb.results), None)
         tokenizer = self._tokenizer(pl_module)
-        self.path = export(pl_module.model, self.output, self.format, tokenizer, dtype=self.dtype,
+        self.path = export(model, self.output, self.format, tokenizer, dtype=self.dtype,
                            overwrite=self.overwrite, merge_figures=figures)
         print(f"exported ({self.format})     {self.path.resolve()}")

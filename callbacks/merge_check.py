@@ -18,6 +18,13 @@ from lowbit_ft.adapters.verify import MergeMismatchError, check_merge
 log = logging.getLogger(__name__)
 
 
+def whole_model(pl_module: L.LightningModule):
+    """The adapted model in one piece (`LowBitModule.whole_model`: gathered on rank 0 of a sharded run, None on
+    the other ranks), or the module's `model` for other LightningModules."""
+    gather = getattr(pl_module, "whole_model", None)
+    return gather() if gather is not None else pl_module.model
+
+
 class MergeCheck(L.Callback):
     """Verify the merge on a held batch at fit end (and every `every_n_validations` validations).
 
@@ -47,11 +54,15 @@ class MergeCheck(L.Callback):
                 loaders = trainer.datamodule.train_dataloader() if trainer.datamodule else trainer.train_dataloader
             batch = next(iter(loaders))
             self.batch = {k: v[: self.max_rows] for k, v in batch.items()}
-        return {k: v.to(pl_module.device) for k, v in self.batch.items()}
+        return self.batch
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        model = whole_model(pl_module)
+        if model is None:  # a sharded run: rank 0 checks the gathered copy
+            return {}
+        device = next(model.parameters()).device
         with pl_module.trainer.precision_plugin.forward_context():
-            figures = check_merge(pl_module.model, self._held_batch(trainer, pl_module))
+            figures = check_merge(model, {k: v.to(device) for k, v in self._held_batch(trainer, pl_module).items()})
         self.results = figures
         for logger in trainer.loggers:
             logger.log_metrics({f"merge_check/{k}": v for k, v in figures.items()}, step=trainer.global_step)

@@ -19,7 +19,7 @@ _PUBLIC = {
     "QuantLinear": "lowbit_ft.quant.quant_linear", "QuantSpec": "lowbit_ft.quant.spec",
     "export": "lowbit_ft.formats.export", "load_model": "lowbit_ft.formats.load",
     "load_quantized": "lowbit_ft.formats.load", "quantize_model": "lowbit_ft.quant.convert",
-    "save_gptq": "lowbit_ft.formats.gptq",
+    "save_gptq": "lowbit_ft.formats.gptq", "FSDP2Strategy": "lowbit_ft.train.strategy",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -30,3 +30,27 @@ class KillAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordFirstStep(L.Callback):
+    """After the first optimizer step, save what each rank saw to `folder`/rank{r}.pt: its loss (token sum and
+    tokens), the whole gradient of every adapter tensor, and the bytes of packed base it holds itself."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != 1:
+            return
+        from lowbit_ft.quant.modules import quant_layers
+
+        def local(t):
+            return t.to_local() if hasattr(t, "to_local") else t
+
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).cpu()
+                 for n, p in pl_module.named_parameters() if p.requires_grad}
+        packed = sum(local(t).numel() * local(t).element_size() for layer in quant_layers(pl_module.model).values()
+                     for t in (*layer.parameters(), *layer.buffers()))
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        torch.save({"grads": grads, "packed_bytes": packed, "loss_sum": float(pl_module._last_loss) * tokens,
+                    "tokens": tokens}, os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))

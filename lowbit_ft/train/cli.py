@@ -135,7 +135,7 @@ class LowBitCLI(LightningCLI):
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
-        adapter_file = save_adapters(self.model.model, self.run_dir / "adapters.safetensors", overwrite=True)
+        adapter_file = save_adapters(self.model.whole_model(), self.run_dir / "adapters.safetensors", overwrite=True)
         ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "(no checkpoint callback)"
         print(f"run directory         {self.run_dir.resolve()}")
         print(f"adapters              {adapter_file.resolve()}")

@@ -50,19 +50,29 @@ class ResumableLoader(DataLoader):
 
     The state is the epoch and the number of batches training has consumed in it, read from the
     trainer's progress counters at save time (the loader's own count runs one batch ahead: Lightning
-    prefetches). On resume the epoch's permutation is rebuilt from (seed, epoch) and those batches
-    are skipped, so a resumed run sees exactly the batches an uninterrupted one would."""
+    prefetches), and the examples that makes over all ranks. On resume the epoch's permutation is rebuilt
+    from (seed, epoch) and those examples are skipped, so a resumed run sees exactly the batches an
+    uninterrupted one would — also on another number of ranks, whose samplers deal the same permutation
+    (rank r takes every world-th example from r)."""
 
     def __init__(self, *args, consumed=lambda: 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._consumed, self._skip = consumed, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "consumed": int(self._consumed())}
+        consumed = int(self._consumed())
+        return {"epoch": self.sampler.epoch, "consumed": consumed,
+                "examples": consumed * self.batch_size * self.sampler.num_replicas}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.set_epoch(state["epoch"])
-        self._skip = state["consumed"]
+        per_batch = self.batch_size * self.sampler.num_replicas
+        examples = state.get("examples", state["consumed"] * per_batch)
+        if examples % per_batch:
+            raise ValueError(f"--ckpt_path: the checkpoint's run had consumed {examples} examples of this epoch, "
+                             f"which batches of {self.batch_size} on {self.sampler.num_replicas} ranks cannot "
+                             "continue from; resume with a batch size × devices that divides it")
+        self._skip = examples // per_batch
 
     def __iter__(self):
         skip, self._skip = self._skip, 0

@@ -18,18 +18,21 @@ from typing import Literal
 import lightning as L
 import torch
 import torchmetrics
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
+from transformers import AutoConfig
 
 from lowbit_ft import adapters
 from lowbit_ft.adapters.quant_error import init_from_quant_error
 from lowbit_ft.checks import check_number
 from lowbit_ft.formats.cache import QuantizedBase, fingerprint, quantized_base, quantized_source, short
 from lowbit_ft.formats.stream import open_float
-from lowbit_ft.quant.modules import quant_layers
+from lowbit_ft.quant.modules import DEFAULT_TARGETS, quant_layers
 from lowbit_ft.quant.spec import QuantSpec, calibration_batches
-from lowbit_ft.records import BUILTIN_DEMO, IGNORE_INDEX, next_token_labels
+from lowbit_ft.records import BUILTIN_DEMO, next_token_labels
+from lowbit_ft.train.loss import chunked_cross_entropy
 from lowbit_ft.train.precision import LowBitPrecision
+from lowbit_ft.train.strategy import shard_check, shard_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -92,20 +95,22 @@ class LowBitModule(L.LightningModule):
         self.val_loss = torchmetrics.MeanMetric()
         self.val_accuracy = torchmetrics.MeanMetric()
         self._step_started = None
+        self._whole: tuple[int, nn.Module | None] | None = None  # (global step, whole_model() then)
         self._window_tokens = torch.zeros((), dtype=torch.long)
         self._last_loss = torch.zeros(())
 
     # --- hooks a subclass overrides -----------------------------------------------------------
     def load_base_model(self, spec: QuantSpec | None, dtype: torch.dtype, *, cache: bool = True,
-                        cache_key: str | None = None) -> nn.Module:
-        """Return the quantized base causal LM on CPU: model.base quantized as `spec` (the plugin's QuantSpec)
+                        cache_key: str | None = None, device: torch.device | str = "cpu") -> nn.Module:
+        """Return the quantized base causal LM on `device`: model.base quantized as `spec` (the plugin's QuantSpec)
         says, in `dtype` — read back from the base cache when a run built it before (`cache`; `cache_key`: the
         entry a checkpoint recorded) — or as stored when model.base is a GPTQ / lowbit directory (`spec` None).
-        An override may return a float model: `spec` then quantizes it (RTN)."""
+        Each block goes to `device` as it is read or packed. An override may return a float model: `spec` then
+        quantizes it (RTN)."""
         where = (f"LowBitPrecision (bits={spec.bits}, group_size={spec.group_size}, block_out={spec.block_out})"
                  if spec else "model.base")
         self.base = quantized_base(self.hparams.base, spec, dtype, cache=cache, cache_key_hint=cache_key,
-                                   where=where)
+                                   where=where, device=device)
         return self.base.model
 
     def configure_adapters(self, model: nn.Module) -> nn.Module:
@@ -117,18 +122,22 @@ class LowBitModule(L.LightningModule):
         except ValueError as err:
             raise ValueError(f"model.adapter={h.adapter!r}: {err}") from None
 
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (mean loss over this batch's response tokens, logits). Prompt tokens carry label -100.
+    def compute_loss(self, batch: dict[str, torch.Tensor], predictions: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return (mean loss over this batch's response tokens, next-token predictions or None). Prompt tokens carry
+        label -100. `predictions`: also the argmax token at every predicting position, (B, T - 1), for validation.
 
-        The training step turns the mean back into a token sum and `on_before_optimizer_step` divides
-        the gradients by the response tokens of the whole optimizer step — every micro-batch of the
-        accumulation window on every DDP rank — so accumulation and N processes both train exactly
-        like one large batch."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        The cross-entropy goes through the vocabulary a chunk of positions at a time (`chunked_cross_entropy`), so
+        the float32 logits of the whole batch never exist. The training step turns the mean back into a token sum
+        and `on_before_optimizer_step` divides the gradients by the response tokens of the whole optimizer step —
+        every micro-batch of the accumulation window on every rank — so accumulation and N processes both train
+        exactly like one large batch."""
+        body = self.model.model  # the decoder without its lm_head, which the loss applies chunk by chunk
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         targets, _ = next_token_labels(batch["labels"])
-        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                           ignore_index=IGNORE_INDEX)
-        return loss, logits
+        out = chunked_cross_entropy(hidden[:, :-1], self.model.get_output_embeddings(), targets,
+                                    return_predictions=predictions)
+        return out if predictions else (out, None)
 
     # --- Lightning ---------------------------------------------------------------------------
     @property
@@ -145,8 +154,13 @@ class LowBitModule(L.LightningModule):
             self._check_quant_error_start(spec)
         if spec is not None and spec.calibrated and spec.calibration_data is None:
             spec = dataclasses.replace(spec, calibration_data=self._training_data())
+        sharded = isinstance(trainer.strategy if trainer else None, ModelParallelStrategy)
+        if sharded:
+            self._check_shardable(spec, trainer.world_size)
+        # DDP and a single device: each block straight to the device; FSDP2 shards from the CPU
+        device = trainer.strategy.root_device if trainer is not None and not sharded else torch.device("cpu")
         build = lambda: self.build_model(spec, plugin.dtype if plugin else torch.float32,  # noqa: E731
-                                         cache=plugin.cache if plugin else False)
+                                         cache=plugin.cache if plugin else False, device=device)
         if trainer is not None and trainer.world_size > 1 and plugin is not None and plugin.cache:
             # rank 0 quantizes and writes the base cache; the other ranks wait, then read it
             if not trainer.is_global_zero:
@@ -156,9 +170,21 @@ class LowBitModule(L.LightningModule):
                 trainer.strategy.barrier("lowbit_base")
         else:
             build()
+        if sharded:
+            shard_model(self.model, self.device_mesh["data_parallel"])
         if isinstance(trainer.strategy if trainer else None, DDPStrategy):
             # the packed base never changes: broadcasting its buffers every step would be pure waste
             trainer.strategy._ddp_kwargs.setdefault("broadcast_buffers", False)
+
+    def _check_shardable(self, spec: QuantSpec | None, ranks: int) -> None:
+        """Before anything loads: the base's layers must split evenly over the FSDP2 ranks."""
+        if self.hparams.init == "quant_error":
+            raise ValueError("model.init=quant_error is not available under FSDP2Strategy yet (it needs the whole "
+                             "float model's statistics on every rank): use model.init=zero, or strategy: ddp")
+        config_file = Path(str(self.hparams.base)) / "config.json"
+        if config_file.is_file():
+            config = AutoConfig.from_pretrained(config_file.parent, trust_remote_code=False)
+            shard_check(config, spec.targets if spec else DEFAULT_TARGETS, spec.block_out if spec else 1, ranks)
 
     def _check_quant_error_start(self, spec: QuantSpec | None) -> None:
         """Before anything loads: quant_error needs the float weights, and an RTN base."""
@@ -205,12 +231,12 @@ class LowBitModule(L.LightningModule):
         return path if path == BUILTIN_DEMO else str(Path(path).resolve())
 
     def build_model(self, spec: QuantSpec | None, dtype: torch.dtype = torch.float32, *, cache: bool = True,
-                    cache_key: str | None = None) -> nn.Module:
+                    cache_key: str | None = None, device: torch.device | str = "cpu") -> nn.Module:
         """Build the quantized base as `spec` says (None: model.base arrives quantized) and attach adapters:
         what `configure_model` does under a Trainer, callable without one (`lowbit-ft export` passes the
         spec and the cache entry a checkpoint recorded)."""
         self.base = None
-        model = self.load_base_model(spec, dtype, cache=cache, cache_key=cache_key)
+        model = self.load_base_model(spec, dtype, cache=cache, cache_key=cache_key, device=device)
         if not quant_layers(model):  # an override returned a float model
             if spec is None:
                 raise ValueError("trainer.plugins: add a lowbit_ft.LowBitPrecision plugin (bits, group_size) to "
@@ -230,6 +256,41 @@ class LowBitModule(L.LightningModule):
 
     def forward(self, **batch):
         return self.model(**batch)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded over the ranks (FSDP2Strategy or another ModelParallelStrategy)."""
+        return self._trainer is not None and isinstance(self._trainer.strategy, ModelParallelStrategy)
+
+    def whole_model(self) -> nn.Module | None:
+        """The adapted model in one piece, for the merge check, exports and the adapter file. Unsharded runs: the
+        model itself. Sharded: a collective (every rank calls it) after which rank 0 holds a copy on its CPU — the
+        base read again from the cache entry this run built, adapter tensors gathered one at a time — and the
+        other ranks None. The copy is kept until the next optimizer step."""
+        if not self.sharded:
+            return self.model
+        if self._whole is None or self._whole[0] != self.global_step:
+            adapters = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+                        for name, p in self.model.named_parameters() if p.requires_grad}
+            whole = None
+            if self._trainer.is_global_zero:
+                copy = type(self)(**{k: v for k, v in self.hparams.items() if not k.startswith("_")})
+                copy.build_model(self.base.spec, self.base.dtype, cache=self.base.cache_key is not None,
+                                 cache_key=self.base.cache_key)
+                if copy.base.fingerprint != self.base.fingerprint:
+                    raise ValueError(f"the base read again for the merge check and export (fingerprint "
+                                     f"{short(copy.base.fingerprint)}) is not the one trained on "
+                                     f"({short(self.base.fingerprint)}): was the base cache changed during the run?")
+                missing = set(adapters) - set(copy.model.state_dict())
+                if missing:
+                    raise ValueError(f"whole_model: the rebuilt model lacks adapter tensors {sorted(missing)[:2]}")
+                copy.model.load_state_dict(adapters, strict=False)
+                whole = copy.model.eval()
+            self._whole = (self.global_step, whole)
+        return self._whole[1]
+
+    def on_fit_end(self) -> None:
+        self.whole_model()  # a sharded run gathers here, while every rank is still in the fit (for after_fit)
 
     def _stop(self, what: str) -> None:
         ckpt = getattr(self._trainer.checkpoint_callback, "last_model_path", "") if self._trainer else ""
@@ -266,7 +327,8 @@ class LowBitModule(L.LightningModule):
         for p in self.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
-                finite = finite * torch.isfinite(p.grad).all()
+                local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: this rank's rows
+                finite = finite * torch.isfinite(local).all()
         if world > 1:  # every rank stops together, none is left waiting in an all-reduce
             finite = trainer.strategy.reduce(finite, reduce_op="min")
         self._window_tokens = torch.zeros((), dtype=torch.long, device=self.device)
@@ -288,9 +350,9 @@ class LowBitModule(L.LightningModule):
         self.log("train/peak_mem_gb", peak_memory_gb(self.device))
 
     def validation_step(self, batch, batch_idx):
-        loss, logits = self.compute_loss(batch)
+        loss, predicted = self.compute_loss(batch, predictions=True)
         targets, mask = next_token_labels(batch["labels"])
-        correct = (logits[:, :-1].argmax(-1) == targets) & mask
+        correct = (predicted == targets) & mask
         self.val_loss.update(loss, weight=mask.sum())
         self.val_accuracy.update(correct.sum() / mask.sum().clamp(min=1), weight=mask.sum())
 
