@@ -96,3 +96,11 @@ def test_fsdp2_refuses_devices_that_do_not_divide_the_rows_before_loading(tiny_m
     monkeypatch.setattr(torch, "__version__", "2.4.1")
     err = one_line_error(capsys, fit_args(tiny_model_dir, "--trainer.strategy.class_path", "lowbit_ft.FSDP2Strategy"))
     assert "FSDP2Strategy needs torch ≥ 2.6 (fully_shard), this is 2.4.1: upgrade torch or use strategy: ddp" in err
+
+
+def test_the_70b_recipe_shards_over_four_gpus(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "recipes/llama70b_int4_fsdp2.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "class_path: lowbit_ft.FSDP2Strategy" in out and "devices: 4" in out

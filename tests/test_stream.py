@@ -104,3 +104,24 @@ def test_shards_for_more_blocks_than_the_config_has_are_refused_at_open(sharded_
     (sharded_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
     with pytest.raises(ValueError, match=r"model\.layers\.2\.\* is beyond num_hidden_layers"):
         open_float(str(sharded_dir), torch.float32)
+
+
+def test_tensor_file_reads_what_safetensors_wrote_and_names_damage(tmp_path):
+    from lowbit_ft.formats.tensor_file import TensorFile
+
+    tensors = {"bf16": torch.randn(3, 5).to(torch.bfloat16), "f32": torch.randn(7), "i32": torch.arange(12).int(),
+               "u8": torch.arange(6, dtype=torch.uint8).reshape(2, 3), "f16": torch.randn(2, 2, 2).half(),
+               "empty": torch.zeros(0, 4), "bool": torch.tensor([True, False, True])}
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    read = TensorFile(tmp_path / "t.safetensors")
+    assert sorted(read.keys()) == sorted(tensors)
+    for name, tensor in tensors.items():
+        got = read.get_tensor(name)
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor), name
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with pytest.raises(ValueError, match=r"cut\.safetensors: tensor \w+ has an unknown dtype or lies outside"):
+        TensorFile(tmp_path / "cut.safetensors")
+    (tmp_path / "huge.safetensors").write_bytes((1 << 40).to_bytes(8, "little") + data[8:])
+    with pytest.raises(ValueError, match=r"huge\.safetensors: not a safetensors file \(header of 1099511627776"):
+        TensorFile(tmp_path / "huge.safetensors")

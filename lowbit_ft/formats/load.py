@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -22,6 +21,7 @@ from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.formats.gptq import GPTQ_KEYS, from_gptq, read_gptq_config
 from lowbit_ft.formats.lowbit import QUANT_METHOD, install_quant_layers
 from lowbit_ft.formats.registry import detect_format
+from lowbit_ft.formats.tensor_file import TensorFile
 from lowbit_ft.progress import is_terminal, progress_bar
 from lowbit_ft.quant.modules import set_submodule
 from lowbit_ft.quant.quant_linear import QuantLinear
@@ -110,18 +110,12 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", b
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     files = safetensors_files(path)
     # a layer's tensors may sit in different shards: index every key's file first
-    key_file: dict[str, Path] = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            key_file.update(dict.fromkeys(f.keys(), file))
+    opened = {file: TensorFile(file) for file in files}  # plain reads: no shard stays mapped in memory
+    key_file = {key: file for file, tensors in opened.items() for key in tensors.keys()}
     layers = sorted({k.rsplit(".", 1)[0] for k in key_file if k.endswith(".qweight")})
-    opened: dict[Path, object] = {}
 
     def read(key: str) -> torch.Tensor:
-        file = key_file[key]
-        if file not in opened:
-            opened[file] = safe_open(file, framework="pt")
-        return opened[file].get_tensor(key)
+        return opened[key_file[key]].get_tensor(key)
 
     if lowbit:  # empty QuantLinear shells on meta; their buffers load below like any tensor
         install_quant_layers(model, raw_qc, str(path), device="meta")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -26,6 +25,7 @@ from lowbit_ft.formats.load import (
     safetensors_files,
 )
 from lowbit_ft.formats.registry import detect_format
+from lowbit_ft.formats.tensor_file import TensorFile
 from lowbit_ft.quant.blocks import BlockVisitor, block_index, decoder_blocks
 
 
@@ -38,10 +38,10 @@ class BlockReader(BlockVisitor):
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real, as at load
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-        self._files: dict[Path, object] = {}
+        self._files = {file: TensorFile(file) for file in safetensors_files(path)}  # plain reads, no memory map
         self._keys: dict[int | None, list[tuple[str, Path]]] = {}
-        for file in safetensors_files(path):
-            for key in self._open(file).keys():
+        for file, tensors in self._files.items():
+            for key in tensors.keys():
                 if not key.endswith("rotary_emb.inv_freq"):  # a derived buffer older checkpoints store
                     self._keys.setdefault(block_index(key), []).append((key, file))
         self._read(None)
@@ -55,14 +55,9 @@ class BlockReader(BlockVisitor):
             raise ValueError(f"{path}: the weights and config.json disagree ({what[0]} is "
                              f"{'missing' if outside else 'beyond num_hidden_layers'}); incomplete or another model")
 
-    def _open(self, file: Path):
-        if file not in self._files:
-            self._files[file] = safe_open(file, framework="pt")
-        return self._files[file]
-
     def _read(self, index: int | None) -> None:
         for key, file in self._keys.pop(index, []):
-            tensor = self._open(file).get_tensor(key)
+            tensor = self._files[file].get_tensor(key)
             assign_tensor(self.model, key, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
 
     def before(self, index: int, block: nn.Module) -> None:

@@ -159,19 +159,23 @@ class LowBitModule(L.LightningModule):
             self._check_shardable(spec, trainer.world_size)
         # DDP and a single device: each block straight to the device; FSDP2 shards from the CPU
         device = trainer.strategy.root_device if trainer is not None and not sharded else torch.device("cpu")
-        build = lambda: self.build_model(spec, plugin.dtype if plugin else torch.float32,  # noqa: E731
-                                         cache=plugin.cache if plugin else False, device=device)
-        if trainer is not None and trainer.world_size > 1 and plugin is not None and plugin.cache:
-            # rank 0 quantizes and writes the base cache; the other ranks wait, then read it
-            if not trainer.is_global_zero:
-                trainer.strategy.barrier("lowbit_base")
-            build()
-            if trainer.is_global_zero:
-                trainer.strategy.barrier("lowbit_base")
+
+        def build() -> None:
+            self.build_model(spec, plugin.dtype if plugin else torch.float32, cache=plugin.cache if plugin else False,
+                             device=device)
+            if sharded:
+                shard_model(self.model, self.device_mesh["data_parallel"])
+
+        if trainer is not None and trainer.world_size > 1 and (sharded or (plugin is not None and plugin.cache)):
+            # rank 0 first (it quantizes and writes the base cache) while the others wait; under FSDP2 the others
+            # then load and shard one at a time, so a node's host memory holds one whole packed base at once
+            turns = trainer.world_size if sharded else 2
+            for turn in range(turns):
+                if turn == min(trainer.global_rank, turns - 1):
+                    build()
+                trainer.strategy.barrier(f"lowbit_base_{turn}")
         else:
             build()
-        if sharded:
-            shard_model(self.model, self.device_mesh["data_parallel"])
         if isinstance(trainer.strategy if trainer else None, DDPStrategy):
             # the packed base never changes: broadcasting its buffers every step would be pure waste
             trainer.strategy._ddp_kwargs.setdefault("broadcast_buffers", False)
