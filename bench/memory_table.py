@@ -206,14 +206,12 @@ def notes(group_size: int, r: int) -> list[str]:
         f"Adapters: QA-LoRA r {r} on the 7 linears of every block, {ADAPTER_BYTES_PER_PARAM} bytes a parameter "
         "(bf16 weight 2 + fp32 gradient 4 + fp32 AdamW moments 8; an upper bound: torch's AdamW keeps bf16 "
         "moments for bf16 parameters).",
-        "DDP: every rank holds all of it, whatever the number of ranks (1 rank: DDP = FSDP2). FSDP2: every tensor "
-        "split on dim 0 over the ranks (fully_shard per decoder block + root); '+ gathered' is the transient "
-        "all-gather on top (embeddings + lm_head + final norm for the step, two decoder blocks: current + "
-        "prefetched).",
-        "Not yet in the code: lowbit-ft has no FSDP2 path, and torch's fully_shard shards parameters only "
-        "(buffers are replicated), while QuantLinear's qweight / scales / zeros are buffers: the FSDP2 columns "
-        "assume they are sharded like (frozen) parameters. As the code stands, an FSDP2 rank would hold the whole "
-        "packed base (DDP's base figure) plus its shard of the adapters.",
+        "DDP: every rank holds all of it, whatever the number of ranks (1 rank: DDP = FSDP2). FSDP2 "
+        "(lowbit_ft.FSDP2Strategy): every tensor split on dim 0 over the ranks (fully_shard per decoder block, "
+        "the lm_head, and model.model for the embeddings and final norm; QuantLinear's codes, scales and zeros "
+        "become frozen parameters so they are sharded too, as tests/test_fsdp.py measures: half per rank on 2); "
+        "'+ gathered' is the transient all-gather on top (embeddings + lm_head + final norm, two decoder "
+        "blocks: current + prefetched).",
         "Smallest GPU: the first of 24 / 40 / 48 / 80 / 141 GB (H200: 140 GiB usable as reported) whose memory "
         f"minus {RESERVE_GIB:g} GiB (CUDA context, allocator) holds DDP's figure or FSDP2's shard + gathered; "
         "activations need room on top.",

@@ -65,3 +65,18 @@ def test_nonfinite_weight_refused():
 def test_unknown_method_lists_known_ones():
     with pytest.raises(ValueError, match=r"method='awq' is not a known quantizer: use one of \['gptq', 'rtn'\]"):
         get_quantizer("awq")
+
+
+def test_rtn_of_a_tall_weight_slice_by_slice_equals_one_pass(monkeypatch):
+    """Rows are rounded ROWS_PER_PASS at a time (bounded temporaries); blocks never straddle slices, so the codes,
+    scales and zeros are those of one pass over the whole weight."""
+    import lowbit_ft.quant.quantizer as quantizer
+
+    weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
+    for layout in (BlockLayout(4, 1, 32), BlockLayout(3, 8, 4)):
+        whole = quantizer.rtn(weight, layout)
+        monkeypatch.setattr(quantizer, "ROWS_PER_PASS", 20)  # 20 rows, or 16 for (8, 4) blocks: 5 or 6 slices
+        sliced = quantizer.rtn(weight, layout)
+        monkeypatch.undo()
+        for a, b in ((whole.codes, sliced.codes), (whole.scales, sliced.scales), (whole.zeros, sliced.zeros)):
+            assert torch.equal(a, b)

@@ -12,6 +12,9 @@ from torch import nn
 
 from lowbit_ft.quant.layout import BlockLayout
 
+#: rows rounded in one pass: its float32 temporaries (a few copies of the rows) stay ~100 MB on 8B-wide layers
+ROWS_PER_PASS = 1024
+
 
 @dataclass
 class QuantizedWeight:
@@ -55,6 +58,11 @@ def rtn(
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    rows = max(layout.block_out, ROWS_PER_PASS // layout.block_out * layout.block_out)
+    if weight.shape[0] > rows:  # blocks never straddle slices, so the result is the same, with smaller temporaries
+        parts = [rtn(part, layout, symmetric=symmetric, scale_dtype=scale_dtype) for part in weight.split(rows)]
+        return QuantizedWeight(codes=torch.cat([p.codes for p in parts]), scales=torch.cat([p.scales for p in parts]),
+                               zeros=torch.cat([p.zeros for p in parts]))
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or inf; quantize a finite weight")
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
