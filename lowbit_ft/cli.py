@@ -8,6 +8,8 @@ import inspect
 import sys
 from argparse import ArgumentError
 
+from lowbit_ft.hostmem import return_freed_memory
+
 LIGHTNING_COMMANDS = {
     "fit": "train adapters on a low-bit base: lowbit-ft fit --config recipes/quickstart.yaml",
     "validate": "run the validation loop on a checkpoint (--ckpt_path)",
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         print(overview())
         return
     user_errors: tuple[type[BaseException], ...] = ()
+    return_freed_memory()  # streamed models drop a block at a time: that memory must leave the process
     try:
         if argv[0] in PROJECT_COMMANDS:
             from jsonargparse import CLI

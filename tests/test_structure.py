@@ -15,7 +15,7 @@ SOURCES = {"lowbit_ft": ROOT / "lowbit_ft", "lowbit_ft.callbacks": ROOT / "callb
 #: the stages, lowest first: a module may import from its own stage and those before it
 STAGES = [
     ("foundation", ["lowbit_ft.kernels", "lowbit_ft.dtypes", "lowbit_ft.checks", "lowbit_ft.fsutil",
-                    "lowbit_ft.quiet", "lowbit_ft.progress", "lowbit_ft.records"]),
+                    "lowbit_ft.quiet", "lowbit_ft.progress", "lowbit_ft.records", "lowbit_ft.hostmem"]),
     ("quantization", ["lowbit_ft.quant"]),
     ("adapters", ["lowbit_ft.adapters"]),
     ("formats", ["lowbit_ft.formats"]),
