@@ -4,11 +4,15 @@
     python bench/kernel_report.py --arch sm_90a --bits 4 --layout 1x128 --json rows.json
 
 Every kernel × every shipped autotune config × bits × block layout × activation dtype is compiled
-ahead of time with `triton.compile` for the target architecture, with the 16-divisibility hints a real
-call on LLaMA shapes has (pointers, N, K, strides, blocks per row; not M, nor the row length in
-words, which a SmolLM2-sized row does not have: rows are 4-word aligned, as at every LLaMA-7B and
-SmolLM2 width, and the kernels are told so by a constexpr). Per row:
+ahead of time with `triton.compile` for the target architecture, once per distinct specialization a
+real call has at the memory table's LLaMA shapes (7B, 13B, 70B, 405B: every projection, M sampled in
+each autotune bucket): the dispatch's own arguments and constexprs (taken from `lowbit_ft.kernels` on
+meta tensors), specialized by Triton's own launcher (16-divisibility of pointers, N, K, strides), plus
+each call's twin with no alignment on blocks per row (BLOCK_ALIGN = 1: any width outside the table).
+Each compile is a row:
 
+    row_align / block_align   the ROW_ALIGN / BLOCK_ALIGN constexprs compiled (the layer shape `shape`
+                   first gave them; "any" for the twin without block alignment)
     registers      per thread (ptxas -v)
     spill_bytes    spill stores (ptxas -v); anything above 0 goes through local memory
     shared_bytes   shared memory the launch needs (pipeline buffers + layout conversions)
@@ -27,6 +31,8 @@ tensor cores in the GEMMs).
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import multiprocessing
 import os
@@ -35,32 +41,40 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import NamedTuple
+from unittest import mock
 
 if __name__ == "__main__":  # compile for real, not for the interpreter (tests import the pure helpers only)
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its default
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from lowbit_ft.kernels import triton_qmatmul as tq  # noqa: E402
+from lowbit_ft.kernels import triton_supports  # noqa: E402
 
 ARCHS = {"sm_80": 80, "sm_90a": 90}
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}  # max dynamic shared memory per block
 ALL_BITS = (2, 3, 4, 8)
 ALL_LAYOUTS = ((1, 32), (1, 64), (1, 128), (8, 4))
 ALL_DTYPES = ("bf16", "fp16")
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 GEMM_KERNELS = ("qmatmul", "qmatmul_t")
-_WEIGHT_PTRS = {"qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp32"}  # QuantLinear's storage dtypes
-# M is arbitrary, and a row's length in words need not be a multiple of 16 (SmolLM2 at INT4: 72 words), so it
-# gets no hint: rows pass as (words / ROW_ALIGN) with ROW_ALIGN = 4, the alignment of LLaMA-7B and SmolLM2
-# rows at every bit width. Blocks per row keep the hint (LLaMA-7B's, and SmolLM2's at (8, 4) blocks).
-_NO_HINT = {"M", "M_BUCKET", "row_units"}
-ROW_ALIGN = 4
+# hidden, intermediate, key/value width (heads × head dim): the models of bench/memory_table.py (the tests check
+# that the layer shapes agree), and SmolLM2 on request
+MODELS = {"LLaMA-7B": (4096, 11008, 4096), "LLaMA-13B": (5120, 13824, 5120), "LLaMA-70B": (8192, 28672, 1024),
+          "LLaMA-405B": (16384, 53248, 1024), "SmolLM2-135M": (576, 1536, 192)}
+TABLE_MODELS = ("LLaMA-7B", "LLaMA-13B", "LLaMA-70B", "LLaMA-405B")
+NO_BLOCK_ALIGN = "any"  # the `shape` of a call's twin compiled without alignment on blocks per row
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,9 @@ class Row:
     block_in: int
     dtype: str
     config: str
+    row_align: int
+    block_align: int
+    shape: str
     registers: int
     spill_bytes: int
     shared_bytes: int
@@ -103,18 +120,110 @@ def describe(cfg: triton.Config) -> str:
     return f"{meta} w{cfg.num_warps} s{cfg.num_stages}"
 
 
-def _signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict, dict]:
-    signature, attrs, constants = {}, {}, {}
-    for index, param in enumerate(fn.params):
-        name = param.name
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-            constants[(index,)] = constexprs[name]
-            continue
-        signature[name] = _WEIGHT_PTRS.get(name, f"*{dtype}") if name.endswith("_ptr") else "i32"
-        if name not in _NO_HINT:
-            attrs[(index,)] = [["tt.divisibility", 16]]
-    return signature, attrs, constants
+def layer_shapes(models=TABLE_MODELS) -> list[tuple[int, int]]:
+    """(out, in) of every quantized projection of these models: q/o, k/v, gate/up, down."""
+    shapes = set()
+    for name in models:
+        hidden, inter, kv = MODELS[name]
+        shapes |= {(hidden, hidden), (kv, hidden), (inter, hidden), (hidden, inter)}
+    return sorted(shapes)
+
+
+def sample_m(kernel: str, bucket: str) -> tuple[int, ...]:
+    """Token counts at both ends of an autotune bucket (the grad-input kernel also takes M = 1)."""
+    if kernel == "qgemv":
+        return (1,)
+    low = {"small": 1 if kernel == "qmatmul_t" else 2, "medium": 17, "large": 129}[bucket]
+    high = {"small": 16, "medium": 128, "large": 4096}[bucket]
+    assert tq.m_bucket(low) == tq.m_bucket(high) == bucket
+    return low, high
+
+
+@functools.cache
+def dispatch_call(kernel: str, m: int, out_f: int, in_f: int, bits: int, layout: tuple[int, int],
+                  dtype: str) -> tuple[tuple, dict]:
+    """The runtime arguments and constexprs `lowbit_ft.kernels` passes to `kernel` for this call on a CUDA
+    tensor, taken from the dispatch itself on meta tensors (shapes only: no data, no GPU)."""
+    meta = "meta"  # QuantLinear's storage: int32 codes, float16 scales, float32 zeros
+    w = SimpleNamespace(bits=bits, block_out=layout[0], block_in=layout[1],
+                        qweight=torch.empty(out_f, in_f * bits // 32, dtype=torch.int32, device=meta),
+                        scales=torch.empty(out_f // layout[0], in_f // layout[1], dtype=torch.float16, device=meta),
+                        zeros=torch.empty(out_f // layout[0], in_f // layout[1], dtype=torch.float32, device=meta))
+    a = torch.empty(m, out_f if kernel == "qmatmul_t" else in_f, dtype=TORCH_DTYPES[dtype], device=meta)
+    launches = []
+    with mock.patch.object(tq, "INTERPRET", False), \
+            mock.patch.object(tq, "_launch", lambda tuned, name, grid, args, meta, config: launches.append(
+                (name, args, meta))):
+        (tq.qmatmul_t if kernel == "qmatmul_t" else tq.qmatmul)(a, w)
+    [(name, args, meta)] = launches
+    assert name == kernel, (name, kernel)
+    return args, meta
+
+
+def param_names(kernel: str) -> list[str]:
+    """The kernel's parameters in order (runtime arguments first), compiled or under the interpreter."""
+    return list(inspect.signature(KERNELS[kernel][0].fn).parameters)
+
+
+def without_block_align(kernel: str, args: tuple, meta: dict) -> tuple[tuple, dict]:
+    """The same call with blocks per row passed whole and BLOCK_ALIGN = 1: no alignment assumed."""
+    args = list(args)
+    args[param_names(kernel).index("block_units")] *= meta["BLOCK_ALIGN"]
+    return tuple(args), {**meta, "BLOCK_ALIGN": 1}
+
+
+@functools.cache
+def _launcher(kernel: str, arch: str):
+    """The kernel, the arch's backend, and Triton's own argument binder (what a launch runs to specialize)."""
+    fn = KERNELS[kernel][0]
+    backend = make_backend(GPUTarget("cuda", ARCHS[arch], 32))
+    return fn, backend, create_function_from_signature(fn.signature, fn.params, backend)
+
+
+def specialize(kernel: str, arch: str, args: tuple, meta: dict, cfg: triton.Config) -> tuple:
+    """(signature, constexprs, attrs, options) exactly as Triton's launcher derives them for this call."""
+    fn, backend, binder = _launcher(kernel, arch)
+    kwargs = {**meta, **cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "debug": False}
+    bound, specialization, options = binder(*args, **kwargs)
+    # JITFunction.run's own next step (a private method: a triton that renames it fails here, loudly)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+class Call(NamedTuple):
+    """One call that reaches a kernel config: a layer shape, M, and whether block alignment is dropped."""
+    out_f: int
+    in_f: int
+    m: int
+    no_block_align: bool
+
+    def arguments(self, kernel: str, bits: int, layout: tuple[int, int], dtype: str) -> tuple[tuple, dict]:
+        args, meta = dispatch_call(kernel, self.m, self.out_f, self.in_f, bits, tuple(layout), dtype)
+        return without_block_align(kernel, args, meta) if self.no_block_align else (args, meta)
+
+
+@functools.cache
+def calls(kernel: str, bucket: str, bits: int, layout: tuple[int, int], dtype: str, arch: str,
+          models=TABLE_MODELS) -> list[Call]:
+    """One call per distinct specialization (runtime hints and constexprs) the models' layers give this
+    kernel bucket, and the twin of each without block alignment. Compiling one config for two calls of
+    the same specialization would compile the same kernel twice."""
+    cfg = KERNELS[kernel][1][bucket][0]  # the config adds constexprs only: it does not change the hints
+    seen, out = set(), []
+    for out_f, in_f in layer_shapes(models):
+        if in_f % layout[1] or out_f % layout[0] or not triton_supports(
+                SimpleNamespace(qweight=torch.empty(0, in_f * bits // 32), bits=bits, block_in=layout[1])):
+            continue  # a layer this layout cannot quantize, or one the dispatch sends to the torch reference
+        for m in sample_m(kernel, bucket):
+            for drop in (False, True):
+                call = Call(out_f, in_f, m, drop)
+                signature, constexprs, attrs, _ = specialize(kernel, arch, *call.arguments(kernel, bits, layout,
+                                                                                           dtype), cfg)
+                key = repr((signature, sorted(constexprs.items()), sorted(attrs.items())))
+                if key not in seen:
+                    seen.add(key)
+                    out.append(call)
+    return out
 
 
 _REG = re.compile(r"%[a-z]+\d+")
@@ -206,52 +315,71 @@ def ptx_mma_counts(ptx: str) -> Counter:
                     "HGMMA": len(re.findall(r"\bwgmma\.mma_async\.", ptx))}) + Counter()  # drops zeros
 
 
-def compile_row(kernel: str, fn, cfg: triton.Config, bits: int, layout: tuple[int, int], dtype: str,
-                arch: str, sass: bool = True) -> Row:
-    """Compile one kernel variant for `arch` and read its static properties. `sass=False` skips the
+class Job(NamedTuple):
+    """One compile: a kernel config (by bucket and index in its table) for one call's specialization."""
+    kernel: str
+    bucket: str
+    index: int
+    bits: int
+    layout: tuple[int, int]
+    dtype: str
+    arch: str
+    call: Call
+    sass: bool = True
+
+
+def compile_job(job: Job) -> Row:
+    """Compile one kernel variant for its arch and read its static properties. `sass=False` skips the
     disassembler (about a third of the time) and reads the tensor-core instructions off the PTX."""
-    constexprs = {"BITS": bits, "BO": layout[0], "BI": layout[1], "ROW_ALIGN": ROW_ALIGN, "F32_DOT": False,
-                  **cfg.kwargs}
-    signature, attrs, constants = _signature(fn, dtype, constexprs)
-    compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", ARCHS[arch], 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    text = _ptxas_log(compiled.asm["ptx"], arch)
+    fn, table = KERNELS[job.kernel]
+    cfg = table[job.bucket][job.index]
+    args, meta = job.call.arguments(job.kernel, job.bits, job.layout, job.dtype)
+    signature, constexprs, attrs, options = specialize(job.kernel, job.arch, args, meta, cfg)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", ARCHS[job.arch], 32), options=options.__dict__)
+    text = _ptxas_log(compiled.asm["ptx"], job.arch)
     registers = int(re.findall(r"Used (\d+) registers", text)[-1])
     spills = int(re.findall(r"(\d+) bytes spill stores", text)[-1])
-    qw_index = [p.name for p in fn.params if not p.is_constexpr].index("qw_ptr")  # PTX numbers runtime args
+    # the PTX numbers the runtime arguments that stayed arguments (Triton turns those equal to 1 into constants)
+    qw_index = [name for name, ty in signature.items() if ty != "constexpr"].index("qw_ptr")
     widths = packed_word_loads(compiled.asm["ptx"], qw_index)
-    sass_ldg, mma = _sass_counts(compiled.asm["cubin"]) if sass else (Counter(), ptx_mma_counts(compiled.asm["ptx"]))
-    return Row(kernel, arch, bits, layout[0], layout[1], dtype, describe(cfg), registers, spills,
-               compiled.metadata.shared, {str(k): v for k, v in sorted(widths.items())}, dict(sorted(sass_ldg.items())),
+    if job.sass:
+        sass_ldg, mma = _sass_counts(compiled.asm["cubin"])
+    else:
+        sass_ldg, mma = Counter(), ptx_mma_counts(compiled.asm["ptx"])
+    shape = NO_BLOCK_ALIGN if job.call.no_block_align else f"{job.call.out_f}x{job.call.in_f}"
+    return Row(job.kernel, job.arch, job.bits, job.layout[0], job.layout[1], job.dtype, describe(cfg),
+               meta["ROW_ALIGN"], meta["BLOCK_ALIGN"], shape, registers, spills, compiled.metadata.shared,
+               {str(k): v for k, v in sorted(widths.items())}, dict(sorted(sass_ldg.items())),
                dict(sorted(mma.items())))
 
 
-def compile_job(job: tuple) -> Row:
-    """Compile one entry of `jobs(...)`."""
-    kernel, bucket, index, bits, layout, dtype, arch, sass = job
-    fn, table = KERNELS[kernel]
-    return compile_row(kernel, fn, table[bucket][index], bits, layout, dtype, arch, sass)
+def jobs(archs, bits, layouts, dtypes, kernels=None, sass=True, models=TABLE_MODELS) -> list[Job]:
+    """Every (config, bits, layout, dtype, arch, specialization) to compile: the configs as pruned for each
+    bits, the specializations the models' calls give each config's bucket."""
+    out = []
+    for a in archs:
+        for b in bits:
+            for name, bucket, i in kernel_configs(b):
+                if kernels and name not in kernels:
+                    continue
+                for lay in layouts:
+                    for d in dtypes:
+                        out += [Job(name, bucket, i, b, tuple(lay), d, a, call, sass)
+                                for call in calls(name, bucket, b, tuple(lay), d, a, tuple(models))]
+    return out
 
 
-def jobs(archs, bits, layouts, dtypes, kernels=None, sass=True) -> list[tuple]:
-    """Every (config, bits, layout, dtype, arch) to compile, the configs as pruned for each bits."""
-    return [(name, bucket, i, b, tuple(lay), d, a, sass) for a in archs for b in bits
-            for name, bucket, i in kernel_configs(b) if not kernels or name in kernels
-            for lay in layouts for d in dtypes]
-
-
-def run(job_list: list[tuple], processes: int | None = None, progress: bool = False) -> list[Row]:
+def run(job_list: list[Job], processes: int | None = None, progress: bool = False) -> list[Row]:
     """Compile every job, in parallel processes (forked: the kernels module is imported once)."""
     processes = processes or os.cpu_count() or 1
-    if processes == 1:
-        return [compile_job(j) for j in job_list]
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
-        rows = []
-        for i, row in enumerate(pool.imap(compile_job, job_list, chunksize=2)):
+    rows = []
+    with multiprocessing.get_context("fork").Pool(processes) if processes > 1 else nullcontext() as pool:
+        for i, row in enumerate(pool.imap(compile_job, job_list, chunksize=2) if pool else map(compile_job, job_list)):
             rows.append(row)
             if progress and (i + 1) % 20 == 0:
                 print(f"  compiled {i + 1}/{len(job_list)}", file=sys.stderr, flush=True)
-        return rows
+    return rows
 
 
 def violations(row: Row) -> list[str]:
@@ -270,15 +398,16 @@ def violations(row: Row) -> list[str]:
 
 
 def table(rows: list[Row]) -> str:
-    head = ("| kernel | arch | bits | layout | dtype | config | regs | spill B | shared KiB | packed-word loads "
-            "(bits: count) | tensor-core ops | ok |")
+    head = ("| kernel | arch | bits | layout | dtype | config | align rows/blocks | first shape | regs | spill B | "
+            "shared KiB | packed-word loads (bits: count) | tensor-core ops | ok |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         loads = " ".join(f"{w}:{n}" for w, n in r.ldg_widths.items()) or "-"
         mma = " ".join(f"{k} {v}" for k, v in r.tensor_core_ops.items()) or "none"
         problems = violations(r)
         lines.append(f"| {r.kernel} | {r.arch} | {r.bits} | {r.block_out}×{r.block_in} | {r.dtype} | {r.config} | "
-                      f"{r.registers} | {r.spill_bytes} | {r.shared_bytes / 1024:.0f} | {loads} | {mma} | "
+                      f"{r.row_align}/{r.block_align} | {r.shape} | {r.registers} | {r.spill_bytes} | "
+                      f"{r.shared_bytes / 1024:.0f} | {loads} | {mma} | "
                       f"{'yes' if not problems else '; '.join(problems)} |")
     return "\n".join(lines)
 
@@ -310,13 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", nargs="+", default=list(ALL_DTYPES), choices=list(ALL_DTYPES),
                         help="activation dtypes")
     parser.add_argument("--kernel", nargs="+", choices=["qmatmul", "qmatmul_t", "qgemv"], help="only these kernels")
+    parser.add_argument("--models", nargs="+", default=list(TABLE_MODELS), choices=list(MODELS),
+                        help="compile the specializations of these models' layer shapes (default: the memory table's)")
     parser.add_argument("--no-sass", dest="sass", action="store_false",
                         help="skip the disassembler (faster; tensor-core ops from the PTX, no sass_ldg column)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--processes", type=int, default=None, help="parallel compiles (default: CPU count)")
     args = parser.parse_args(argv)
     layouts = [tuple(int(v) for v in s.lower().split("x")) for s in args.layout]
-    job_list = jobs(args.arch, args.bits, layouts, args.dtype, args.kernel, args.sass)
+    job_list = jobs(args.arch, args.bits, layouts, args.dtype, args.kernel, args.sass, args.models)
     print(f"triton {triton.__version__}: compiling {len(job_list)} kernel variants ...", file=sys.stderr, flush=True)
     rows = run(job_list, args.processes, progress=True)
     print(table(rows))

@@ -11,7 +11,11 @@ How a tile is read (the part that decides speed, see bench/kernel_report.py):
   and its 32/b codes are unpacked in registers by shifts; 3-bit codes straddle words, so a run of 64
   codes is read as three int64 words (192 bits) and unpacked from those;
 - each block's scale and zero are loaded once per tile (one per row when the tile lies inside a block,
-  BLOCK_K / block_in per row otherwise) and broadcast over the block's codes.
+  BLOCK_K / block_in per row otherwise; once per block_out rows when block_out > 1) and broadcast over
+  the block's codes;
+- rows and blocks per row arrive as (units, constexpr alignment): Triton assumes of their alignment what
+  the call really has (`row_align`, `block_align`), so every shape compiles to a variant the static gate
+  (tests/test_kernel_static.py) has compiled.
 Bits 2/3/4/8, any block_out, power-of-two block_in (`triton_supports`; the dispatch sends other layouts
 to the reference).
 Autotuned on CUDA over configs pruned per M bucket; under TRITON_INTERPRET=1 (CPU tests) one small
@@ -32,6 +36,12 @@ from lowbit_ft.kernels.protocol import PackedWeight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MIN_BLOCK_K = 64  # 3-bit tiles hold whole 64-code (6-word) runs
+MAX_BLOCK_ALIGN = 16  # as Triton's own hint: the 16-block runs of (8, 4) rows in 64-wide tiles are aligned whole
+# Runtime integers Triton would otherwise specialize on (divisible by 16, or equal to 1). M varies per call;
+# the row and block counts reach the kernels as (units, constexpr alignment), so their alignment is what the
+# dispatch states and never what a unit count happens to have. One binary then serves every width with the
+# same alignments, and bench/kernel_report.py compiles exactly the variants real calls run.
+UNSPECIALIZED = ["M", "M_BUCKET", "row_units", "block_units"]
 
 
 @triton.jit
@@ -68,16 +78,28 @@ def _load_codes(qw_ptr, rn, k0, N, words_per_row, BITS: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, k0, N, words_per_row, blocks_per_row, BITS: tl.constexpr,
+def _dequant_tile(qw_ptr, s_ptr, z_ptr, n0, rn, k0, N, words_per_row, blocks_per_row, BITS: tl.constexpr,
                   BO: tl.constexpr, BI: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W[rn, k0 : k0 + BLOCK_K] = s · (Q − z) as a float32 (BLOCK_N, BLOCK_K) tile."""
+    """W[rn, k0 : k0 + BLOCK_K] = s · (Q − z) as a float32 (BLOCK_N, BLOCK_K) tile; rn = n0 + arange(BLOCK_N)."""
     codes = _load_codes(qw_ptr, rn, k0, N, words_per_row, BITS, BLOCK_N, BLOCK_K).to(tl.float32)
     BLOCKS: tl.constexpr = BLOCK_K // BI if BLOCK_K > BI else 1  # blocks of a row inside the tile
     col = k0 // BI + tl.arange(0, BLOCKS)[None, :]
-    block = (rn // BO)[:, None].to(tl.int64) * blocks_per_row + col
-    ok = (rn[:, None] < N) & (col < blocks_per_row)
-    s = tl.load(s_ptr + block, mask=ok, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + block, mask=ok, other=0.0).to(tl.float32)
+    if BO > 1 and BLOCK_N % BO == 0:
+        # BO rows share each block: load its scale and zero once for the group (n0 is a multiple of BLOCK_N,
+        # so groups start at n0 / BO), not once per row, and broadcast them over the group's rows
+        GROUPS: tl.constexpr = BLOCK_N // BO
+        group = n0 // BO + tl.arange(0, GROUPS)
+        block = group[:, None].to(tl.int64) * blocks_per_row + col
+        ok = (group[:, None] * BO < N) & (col < blocks_per_row)
+        s = tl.load(s_ptr + block, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + block, mask=ok, other=0.0).to(tl.float32)
+        s = tl.reshape(tl.broadcast_to(s[:, None, :], (GROUPS, BO, BLOCKS)), (BLOCK_N, BLOCKS))
+        z = tl.reshape(tl.broadcast_to(z[:, None, :], (GROUPS, BO, BLOCKS)), (BLOCK_N, BLOCKS))
+    else:
+        block = (rn // BO)[:, None].to(tl.int64) * blocks_per_row + col
+        ok = (rn[:, None] < N) & (col < blocks_per_row)
+        s = tl.load(s_ptr + block, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + block, mask=ok, other=0.0).to(tl.float32)
     if BLOCKS == 1:  # the tile lies inside one block per row: broadcast (BLOCK_N, 1)
         return (codes - z) * s
     else:
@@ -94,12 +116,14 @@ def _k_range(K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
     return start, tl.minimum(start + span, K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _qmatmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, stride_xm, stride_ys, stride_ym,
-                    row_units, blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
-                    ROW_ALIGN: tl.constexpr, F32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    words_per_row = row_units * ROW_ALIGN  # a constexpr factor: Triton knows the rows' word alignment
+                    row_units, block_units, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+                    ROW_ALIGN: tl.constexpr, BLOCK_ALIGN: tl.constexpr, F32_DOT: tl.constexpr, SPLIT_K: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # constexpr factors: Triton knows how far rows and their blocks are aligned, and assumes no more
+    words_per_row = row_units * ROW_ALIGN
+    blocks_per_row = block_units * BLOCK_ALIGN
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     start, stop = _k_range(K, SPLIT_K, BLOCK_K)
@@ -108,8 +132,8 @@ def _qmatmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, strid
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :],
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, k0, N, words_per_row, blocks_per_row, BITS, BO, BI,
-                          BLOCK_N, BLOCK_K)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, tl.program_id(1) * BLOCK_N, rn, k0, N, words_per_row, blocks_per_row,
+                          BITS, BO, BI, BLOCK_N, BLOCK_K)
         if F32_DOT:
             acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
         else:
@@ -120,11 +144,13 @@ def _qmatmul_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, strid
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _qmatmul_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, M_BUCKET, N, K, stride_gm, stride_om, row_units,
-                      blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, ROW_ALIGN: tl.constexpr,
-                      F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      block_units, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                      BLOCK_ALIGN: tl.constexpr, F32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     words_per_row = row_units * ROW_ALIGN
+    blocks_per_row = block_units * BLOCK_ALIGN
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * BLOCK_K
     rk = k0 + tl.arange(0, BLOCK_K)
@@ -133,7 +159,7 @@ def _qmatmul_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, M_BUCKET, N, K, s
         rn = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(g_ptr + rm[:, None].to(tl.int64) * stride_gm + rn[None, :],
                     mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, k0, N, words_per_row, blocks_per_row, BITS, BO, BI,
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, n0, rn, k0, N, words_per_row, blocks_per_row, BITS, BO, BI,
                           BLOCK_N, BLOCK_K)
         if F32_DOT:
             acc += tl.dot(g.to(tl.float32), w, input_precision="ieee")
@@ -143,21 +169,23 @@ def _qmatmul_t_kernel(g_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, M_BUCKET, N, K, s
              mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=UNSPECIALIZED)
 def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, M_BUCKET, N, K, stride_xm, stride_ys, stride_ym,
-                  row_units, blocks_per_row, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
-                  ROW_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  row_units, block_units, BITS: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+                  ROW_ALIGN: tl.constexpr, BLOCK_ALIGN: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
     # M = 1. Products accumulate elementwise in a (BLOCK_N, BLOCK_K) tile and are reduced across
     # threads once, after the loop; a split-K grid gives decode enough programs to keep HBM busy.
     words_per_row = row_units * ROW_ALIGN
+    blocks_per_row = block_units * BLOCK_ALIGN
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     start, stop = _k_range(K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(start, stop, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, rn, k0, N, words_per_row, blocks_per_row, BITS, BO, BI,
-                          BLOCK_N, BLOCK_K)
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, tl.program_id(0) * BLOCK_N, rn, k0, N, words_per_row, blocks_per_row,
+                          BITS, BO, BI, BLOCK_N, BLOCK_K)
         acc += w * x[None, :]
     y = tl.sum(acc, axis=1)
     tl.store(y_ptr + tl.program_id(2).to(tl.int64) * stride_ys + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
@@ -173,7 +201,8 @@ def _gemm(bm: int, bn: int, bk: int, warps: int, stages: int, split_k: int = 1) 
 
 # Configs per M bucket (M rounded up to a power of two). Every config here compiles to 0 spilled bytes,
 # fits shared memory and reads packed words >= 64 bits at a time on sm_80 and sm_90a for every bits ×
-# layout: tests/test_kernel_static.py checks that, bench/kernel_report.py prints the full matrix.
+# layout, with the alignments the LLaMA widths give and with none (BLOCK_ALIGN = 1): tests/test_kernel_static.py
+# checks that, bench/kernel_report.py prints the full matrix.
 GEMM_CONFIGS: dict[str, list[triton.Config]] = {
     # batched decode (M ≤ 16): one 16-row tensor-core tile, split-K so N / BLOCK_N programs are not too few
     "small": [_gemm(16, 128, 64, 4, 3, split_k=4), _gemm(16, 128, 64, 4, 3, split_k=2)],
@@ -247,10 +276,10 @@ def _launch(tuned, name: str, grid, args: tuple, meta: dict, config: triton.Conf
         tuned.fn[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _max_split(name: str, table: dict[str, list[triton.Config]], bucket: str, config: triton.Config | None) -> int:
-    """The most split-K slices the launch can write: the given config's, or any the autotuner may pick."""
-    configs = [config] if config is not None else [INTERPRETER_CONFIGS[name]] if INTERPRET else table[bucket]
-    return max(c.kwargs.get("SPLIT_K", 1) for c in configs)
+def _candidates(name: str, table: dict[str, list[triton.Config]], bucket: str,
+                config: triton.Config | None) -> list[triton.Config]:
+    """The configs a launch may run: the given one, the interpreter's, or the autotuner's for this bucket."""
+    return [config] if config is not None else [INTERPRETER_CONFIGS[name]] if INTERPRET else table[bucket]
 
 
 def _f32_dot(dtype: torch.dtype) -> bool:
@@ -271,13 +300,26 @@ def row_align(words_per_row: int) -> int:
     return 4 if words_per_row % 4 == 0 else 2 if words_per_row % 2 == 0 else 1
 
 
-def _layout_args(w: PackedWeight) -> tuple:
-    words = w.qweight.shape[1]
-    return words // row_align(words), w.scales.shape[1]
+def block_align(blocks_per_row: int, tile_blocks: int) -> int:
+    """The largest power of two dividing blocks per row, at most MAX_BLOCK_ALIGN and at most `tile_blocks`,
+    the blocks of a row that one K tile holds. Blocks per row pass as (blocks / BLOCK_ALIGN, BLOCK_ALIGN
+    constexpr): a tile reads a row's scales and zeros as one run of `tile_blocks`, so alignment beyond that
+    widens no load, and the factor is one the row really has (LLaMA-7B's down_proj: 344 blocks at g32 are
+    8-aligned, 86 at g128 only 2-aligned), never an assumed 16."""
+    align = 1
+    while align < min(MAX_BLOCK_ALIGN, tile_blocks) and blocks_per_row % (2 * align) == 0:
+        align *= 2
+    return align
 
 
-def _meta(w: PackedWeight) -> dict:
-    return {"BITS": w.bits, "BO": w.block_out, "BI": w.block_in, "ROW_ALIGN": row_align(w.qweight.shape[1])}
+def _layout(w: PackedWeight, configs: list[triton.Config]) -> tuple[tuple, dict]:
+    """The kernels' layout arguments (row_units, block_units) and constexprs for the configs a launch may run."""
+    words, blocks = w.qweight.shape[1], w.scales.shape[1]
+    rows = row_align(words)
+    tile_blocks = max(c.kwargs["BLOCK_K"] for c in configs) // w.block_in
+    block = block_align(blocks, tile_blocks)
+    return (words // rows, blocks // block), {"BITS": w.bits, "BO": w.block_out, "BI": w.block_in,
+                                              "ROW_ALIGN": rows, "BLOCK_ALIGN": block}
 
 
 def qmatmul(x: torch.Tensor, w: PackedWeight, config: triton.Config | None = None) -> torch.Tensor:
@@ -289,22 +331,24 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, config: triton.Config | None = Non
     gemv = M == 1
     name, table, bucket = ("qgemv", GEMV_CONFIGS, gemv_bucket(w.bits)) if gemv else \
         ("qmatmul", GEMM_CONFIGS, m_bucket(M))
-    splits = _max_split(name, table, bucket, config)
+    configs = _candidates(name, table, bucket, config)
+    splits = max(c.kwargs.get("SPLIT_K", 1) for c in configs)  # the most slices the launch can write
     # split-K configs write float32 partial sums, one (M, N) slice per split; unused slices stay zero
     y = torch.zeros(splits, M, N, dtype=torch.float32, device=x.device) if splits > 1 else \
         torch.empty(1, M, N, dtype=x.dtype, device=x.device)
+    layout, meta = _layout(w, configs)
     args = (x, *_weight_args(w), y, M, triton.next_power_of_2(M), N, K, x.stride(0), y.stride(0), y.stride(1),
-            *_layout_args(w))
+            *layout)
     if gemv:
         def grid(cfg):
             return (triton.cdiv(N, cfg["BLOCK_N"]), 1, cfg["SPLIT_K"])
 
-        _launch(_qgemv, "qgemv", grid, args, _meta(w), config)
+        _launch(_qgemv, "qgemv", grid, args, meta, config)
     else:
         def grid(cfg):
             return (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
 
-        _launch(_qmatmul, "qmatmul", grid, args, {**_meta(w), "F32_DOT": _f32_dot(x.dtype)}, config)
+        _launch(_qmatmul, "qmatmul", grid, args, {**meta, "F32_DOT": _f32_dot(x.dtype)}, config)
     return y.sum(0).to(x.dtype) if splits > 1 else y[0]
 
 
@@ -318,7 +362,7 @@ def qmatmul_t(g: torch.Tensor, w: PackedWeight, config: triton.Config | None = N
     def grid(cfg):
         return (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
 
-    args = (g, *_weight_args(w), out, M, triton.next_power_of_2(M), N, K, g.stride(0), out.stride(0),
-            *_layout_args(w))
-    _launch(_qmatmul_t, "qmatmul_t", grid, args, {**_meta(w), "F32_DOT": _f32_dot(g.dtype)}, config)
+    layout, meta = _layout(w, _candidates("qmatmul_t", GEMM_T_CONFIGS, m_bucket(M), config))
+    args = (g, *_weight_args(w), out, M, triton.next_power_of_2(M), N, K, g.stride(0), out.stride(0), *layout)
+    _launch(_qmatmul_t, "qmatmul_t", grid, args, {**meta, "F32_DOT": _f32_dot(g.dtype)}, config)
     return out

@@ -62,6 +62,50 @@ def test_k_not_a_multiple_of_the_tile(bits, block):
     assert close(tq.qmatmul_t(g, q, grad), reference.matmul_t(g, q), torch.float32)
 
 
+@pytest.mark.parametrize("bits, block, in_f", [(4, (1, 32), 224), (2, (1, 32), 224), (8, (8, 4), 100),
+                                               (4, (8, 4), 232)])
+def test_blocks_per_row_without_alignment(bits, block, in_f):
+    """Rows of 7, 25 and 58 blocks (BLOCK_ALIGN 1, 1 and 2) read by tiles holding 2 and 16 blocks, the
+    last tile sticking out of the row."""
+    q = layer(bits, block, out_f=40, in_f=in_f)
+    _, meta = tq._layout(q, [tq.INTERPRETER_CONFIGS["qmatmul"]])
+    assert meta["BLOCK_ALIGN"] == (2 if in_f == 232 else 1)
+    x = torch.randn(3, in_f, device=DEVICE)
+    assert close(tq.qmatmul(x, q), reference.matmul(x, q), torch.float32)
+    assert close(tq.qmatmul(x[:1], q), reference.matmul(x[:1], q), torch.float32)
+    g = torch.randn(3, 40, device=DEVICE)
+    assert close(tq.qmatmul_t(g, q), reference.matmul_t(g, q), torch.float32)
+
+
+@pytest.mark.parametrize("block_out, block_in, out_f", [(2, 32, 72), (3, 32, 72), (16, 4, 96), (64, 4, 128)])
+def test_block_out_rows_sharing_a_block(block_out, block_in, out_f):
+    """block_out rows share each scale and zero: loaded once per group where block_out divides BLOCK_N
+    (2, 16; 64 with 64-row tiles), once per row otherwise (3; 64 with 32-row tiles)."""
+    q = layer(4, (block_out, block_in), out_f=out_f)
+    x, g = torch.randn(5, 256, device=DEVICE), torch.randn(5, out_f, device=DEVICE)
+    for block_n in (32, 64):
+        gemm = tq._gemm(16, block_n, 64, 4, 1)
+        grad = tq._config(4, 1, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=64)
+        gemv = tq._config(4, 1, BLOCK_N=block_n, BLOCK_K=64, SPLIT_K=1)
+        assert close(tq.qmatmul(x, q, gemm), reference.matmul(x, q), torch.float32)
+        assert close(tq.qmatmul(x[:1], q, gemv), reference.matmul(x[:1], q), torch.float32)
+        assert close(tq.qmatmul_t(g, q, grad), reference.matmul_t(g, q), torch.float32)
+
+
+def test_blocks_per_row_pass_with_the_alignment_they_have():
+    """BLOCK_ALIGN is the largest power of two dividing blocks per row, capped at 16 and at the blocks one K
+    tile of the launch's configs holds. LLaMA-7B's down_proj (11008 inputs): 344, 172, 86 blocks at g32, g64,
+    g128; 2752 at (8, 4)."""
+    assert [tq.block_align(blocks, 16) for blocks in (344, 172, 86, 2752, 43, 4096)] == [8, 4, 2, 16, 1, 16]
+    assert [tq.block_align(344, tile) for tile in (1, 2, 4, 64)] == [1, 2, 4, 8]
+    w = SimpleNamespace(qweight=torch.empty(4096, 11008 * 3 // 32, dtype=torch.int32), scales=torch.empty(4096, 344),
+                        bits=3, block_out=1, block_in=32)
+    args, meta = tq._layout(w, tq.GEMM_CONFIGS["small"])  # 64-wide K tiles: 2 blocks of 32
+    assert args == (1032 // 4, 172) and (meta["ROW_ALIGN"], meta["BLOCK_ALIGN"]) == (4, 2)
+    _, meta = tq._layout(w, tq.GEMV_CONFIGS["3-bit"])  # 128-wide: 4 blocks
+    assert meta["BLOCK_ALIGN"] == 4
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_split_k_partial_sums_add_up(bits, dtype):
