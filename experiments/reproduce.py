@@ -85,7 +85,7 @@ class GivenBase(LowBitModule):
     given: list[nn.Module]
     start_from: tuple[nn.Module, list[torch.Tensor]] | None = None  # (float model, calibration) for quant_error
 
-    def load_base_model(self, spec, dtype, *, cache=True, cache_key=None) -> nn.Module:
+    def load_base_model(self, spec, dtype, *, cache=True, cache_key=None, device="cpu") -> nn.Module:
         return self.given.pop()
 
     def on_fit_start(self) -> None:

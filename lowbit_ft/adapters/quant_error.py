@@ -42,19 +42,19 @@ def block_least_squares(error: torch.Tensor, gram: torch.Tensor, tile: tuple[int
 
 @torch.no_grad()
 def init_from_quant_error(model: nn.Module, float_model: nn.Module, batches: list[torch.Tensor],
-                          damp: float = 0.01, progress: bool = True, reader: BlockVisitor | None = None
-                          ) -> dict[str, float]:
+                          damp: float = 0.01, progress: bool = True, reader: BlockVisitor | None = None,
+                          consume: bool = False) -> dict[str, float]:
     """Set every adapter of `model` (a quantized model with adapters attached) to its quant_error start,
     from `float_model` (the same model before quantization) run on `batches` of token ids. Returns, per
     layer, the fraction of the calibration output error ‖E·X‖² the start removes (0: none, 1: all).
-    `float_model` is consumed block by block (each block freed when done; `reader`: the visitor that loads a
-    streamed one), so it never needs to fit in memory beside the quantized model."""
+    `reader`: the visitor that loads the blocks of a streamed `float_model`; `consume`: free each float block
+    when done (the caller no longer needs `float_model`), so it never has to fit in memory beside `model`."""
     from lowbit_ft.quant.gptq import calibrated_blocks  # the block-by-block input statistics GPTQ uses
 
     layers = adapted_layers(model)
     removed = {}
     for grams in calibrated_blocks(float_model, list(layers), batches, desc="quant_error init", progress=progress,
-                                   visitor=Visitors(reader, DropBlocks())):
+                                   visitor=Visitors(reader, DropBlocks() if consume else None)):
         for name, gram in grams.items():
             wrapped = layers[name]
             float_weight = float_model.get_submodule(name).weight.double().to(gram.device)

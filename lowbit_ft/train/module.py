@@ -213,7 +213,8 @@ class LowBitModule(L.LightningModule):
                                    or self._training_data(), calibration_mode="per_record")
         float_model, tokenizer, reader = open_float(str(self.hparams.base))
         batches = calibration_batches(tokenizer or self.base.tokenizer, spec)
-        removed = init_from_quant_error(self.model, float_model.eval(), batches, damp=spec.damp, reader=reader)
+        removed = init_from_quant_error(self.model, float_model.eval(), batches, damp=spec.damp, reader=reader,
+                                        consume=True)
         del float_model, reader
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for param in self.model.parameters():  # every rank starts from rank 0's adapters exactly
