@@ -11,13 +11,12 @@ nbytes of its buffers summed (qweight int32, scales float16, zeros float32), and
 
 What a rank holds:
 - DDP: every rank holds the whole packed base and the whole adapter state (the same for 1, 2, 4 or 8 ranks).
-- FSDP2 (`fully_shard` per decoder block, then the root): every tensor — packed codes, scales, zeros and the
-  bf16 rest alike — is split along dim 0 into `ranks` equal pieces (padded up: ceil(rows / ranks) rows each).
-  While a block computes, its parameters are all-gathered: the table's "gathered" column is the transient
-  working set on top of the shard — the root's tensors (embeddings, lm_head, final norm; gathered for the
-  whole step) plus two decoder blocks (the one computing and the one prefetched). A projection: lowbit-ft
-  has no FSDP2 path yet, and fully_shard shards parameters only, while QuantLinear's packed tensors are
-  buffers (replicated as they stand).
+- FSDP2 (`lowbit_ft.FSDP2Strategy`: `fully_shard` per decoder block and on model.model): every tensor — packed
+  codes, scales, zeros (frozen parameters under FSDP2) and the bf16 rest alike — is split along dim 0 into
+  `ranks` equal pieces (padded up: ceil(rows / ranks) rows each). While a block computes, its parameters are
+  all-gathered: the table's "gathered" column is the working set on top of the shard — embeddings, lm_head
+  and final norm (the lm_head is held whole on every rank) plus two decoder blocks (the one computing and the
+  one prefetched).
 - Adapters: QA-LoRA of rank r on all 7 linears of every block; per parameter 14 bytes = bf16 weight (2) +
   fp32 gradient (4) + fp32 AdamW moments (8). An upper bound under that assumption: torch's AdamW keeps its
   moments in the parameter's dtype, so bf16 adapters with bf16 gradients need 8 bytes a parameter. Sharded
@@ -207,8 +206,9 @@ def notes(group_size: int, r: int) -> list[str]:
         "(bf16 weight 2 + fp32 gradient 4 + fp32 AdamW moments 8; an upper bound: torch's AdamW keeps bf16 "
         "moments for bf16 parameters).",
         "DDP: every rank holds all of it, whatever the number of ranks (1 rank: DDP = FSDP2). FSDP2 "
-        "(lowbit_ft.FSDP2Strategy): every tensor split on dim 0 over the ranks (fully_shard per decoder block, "
-        "the lm_head, and model.model for the embeddings and final norm; QuantLinear's codes, scales and zeros "
+        "(lowbit_ft.FSDP2Strategy): every tensor split on dim 0 over the ranks (fully_shard per decoder block "
+        "and model.model for the embeddings and final norm; the lm_head stays whole on every rank, counted in "
+        "'+ gathered'; QuantLinear's codes, scales and zeros "
         "become frozen parameters so they are sharded too, as tests/test_fsdp.py measures: half per rank on 2); "
         "'+ gathered' is the transient all-gather on top (embeddings + lm_head + final norm, two decoder "
         "blocks: current + prefetched).",

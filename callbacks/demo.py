@@ -14,7 +14,7 @@ import lightning as L
 import torch
 
 from lowbit_ft.callbacks.export import QuantizedExport
-from lowbit_ft.callbacks.merge_check import MergeCheck
+from lowbit_ft.callbacks.merge_check import MergeCheck, whole_model
 from lowbit_ft.dtypes import dtype_name
 from lowbit_ft.evaluation.generate import generate_answers
 from lowbit_ft.quant.modules import quant_layers
@@ -44,11 +44,13 @@ class DemoReport(L.Callback):
         return generate_answers(model, tokenizer, self.prompts, self.max_new_tokens, self.template)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = whole_model(pl_module)  # every rank: a sharded run gathers it to rank 0
         if trainer.is_global_zero:
-            self.before = self._answers(pl_module.model, pl_module.base.tokenizer)
+            self.before = self._answers(model, pl_module.base.tokenizer)
 
     @torch.no_grad()
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = whole_model(pl_module)
         if not trainer.is_global_zero:
             return
         from transformers import AutoModelForCausalLM
@@ -63,7 +65,7 @@ class DemoReport(L.Callback):
             tokenizer.pad_token = tokenizer.eos_token
         texts = [format_prompt(p, self.template, tokenizer) for p in self.prompts]
         ids = tokenizer(texts, return_tensors="pt", padding=True)
-        adapter_on = pl_module.model.eval()(**ids.to(pl_module.device)).logits.float().cpu()
+        adapter_on = model.eval()(**ids.to(next(model.parameters()).device)).logits.float().cpu()
         merged = reloaded(**ids).logits.float()
         mask = ids["attention_mask"].bool()
         self.figures = {"reloaded/max_abs_logit": float((merged - adapter_on)[mask].abs().max()),

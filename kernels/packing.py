@@ -40,6 +40,10 @@ def _unit_map(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tens
     return low_word, high_word, start % 32
 
 
+#: rows packed at once: the int64 working copies (about 4 of the codes' size × 8) stay ~130 MB on 4096-wide rows
+PACK_ROWS = 1024
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2^bits) along the last dimension into int32 words.
 
@@ -49,6 +53,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n_values, n_words = values_per_unit(bits), words_per_unit(bits)
     if n % n_values:
         raise ValueError(f"{bits}-bit packing needs the packed dimension divisible by {n_values}, got {n}")
+    if codes.dim() == 2 and codes.shape[0] > PACK_ROWS:  # rows pack independently: bound the int64 temporaries
+        return torch.cat([pack_codes(part, bits) for part in codes.split(PACK_ROWS)])
     q = codes.to(torch.int64)
     if q.numel() and (int(q.min()) < 0 or int(q.max()) > (1 << bits) - 1):
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")

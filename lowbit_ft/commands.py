@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from lowbit_ft.adapters.verify import MergeMismatchError, check_merge
 from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.evaluation.generate import generate_answers
@@ -21,7 +19,7 @@ from lowbit_ft.formats.gptq import save_gptq
 from lowbit_ft.formats.load import load_model, load_quantized, load_tokenizer
 from lowbit_ft.formats.lowbit import save_lowbit
 from lowbit_ft.formats.registry import get_format
-from lowbit_ft.formats.stream import open_float
+from lowbit_ft.formats.stream import open_float, stored_dtype
 from lowbit_ft.fsutil import refuse_existing, write_json, write_text
 from lowbit_ft.progress import progress_bar
 from lowbit_ft.quant.convert import dequantize_model
@@ -53,6 +51,7 @@ def quantize(
     output: Path | None = None,
     checkpoint_format: Literal["auto", "gptq_v2", "gptq", "lowbit"] = "auto",
     overwrite: bool = False,
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
 ) -> QuantReport:
     """Quantize a model's linear layers to packed INT-b and report size and error.
 
@@ -86,6 +85,8 @@ def quantize(
         checkpoint_format: 'auto' (gptq_v2 for (1, g) groups, else lowbit), 'gptq_v2' (stores z),
             'gptq' (v1, stores z-1), or 'lowbit' (the project's format: any block layout).
         overwrite: replace an existing --output directory.
+        dtype: dtype the float model is read in and its unquantized tensors (embeddings, norms, lm_head) are
+            written in: 'auto' is the one a HF directory's config.json records (float32 for other sources).
     """
     spec = QuantSpec(bits=bits, group_size=group_size, block_out=block_out, method=method, symmetric=symmetric,
                      scale_dtype=scale_dtype, zero_dtype=zero_dtype, targets=targets or (),
@@ -100,7 +101,8 @@ def quantize(
                          f"block_out={block_out} needs --checkpoint_format lowbit (or auto)")
     if output is not None:
         refuse_existing(output, overwrite)
-    quantized, tokenizer, reader = open_float(model)  # a HF directory is read one decoder block at a time
+    load_dtype = stored_dtype(model) if dtype == "auto" else parse_dtype(dtype, "--dtype")
+    quantized, tokenizer, reader = open_float(model, load_dtype)  # a HF directory: one decoder block at a time
     batch = probe_batch(tokenizer, quantized.config.vocab_size)
     report = quantize_and_report(quantized, batch, spec, tokenizer, reader)
     print(f"model                 {model}")
@@ -108,9 +110,9 @@ def quantize(
     print(f"fingerprint           {fingerprint(quantized)}")
     if output is not None:
         if checkpoint_format == "lowbit":
-            save_lowbit(quantized, output, tokenizer, dtype=torch.float32, overwrite=overwrite)
+            save_lowbit(quantized, output, tokenizer, dtype=load_dtype, overwrite=overwrite)
         else:
-            save_gptq(quantized, output, checkpoint_format, tokenizer, dtype=torch.float32, overwrite=overwrite)
+            save_gptq(quantized, output, checkpoint_format, tokenizer, dtype=load_dtype, overwrite=overwrite)
         before = logits_of(quantized, batch)
         del quantized, reader  # one packed model in memory at a time
         after = logits_of(load_quantized(output), batch)

@@ -101,3 +101,23 @@ def test_seeded_split(tiny_model_dir):
 def test_required_path(tiny_model_dir):
     with pytest.raises(ValueError, match="data.path is required"):
         InstructionDataModule(path=None, tokenizer=str(tiny_model_dir))
+
+
+def test_a_resume_on_another_batch_times_ranks_continues_only_at_an_epoch_end():
+    """Lightning's progress counters are in the checkpoint's batches: in mid-epoch another batch × ranks would skip
+    the wrong examples, so it is refused; at an epoch's end the next epoch starts afresh on any layout."""
+    from torch.utils.data import DistributedSampler
+
+    from lowbit_ft.train.data import ResumableLoader
+
+    data = list(range(16))
+    loader = ResumableLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=1, rank=0))
+    assert loader.state_dict()["per_batch"] == 2
+    with pytest.raises(ValueError, match=r"stopped in mid-epoch with batches of 4 examples over all ranks, this run "
+                                         r"takes 2 \(data.batch_size × devices\)"):
+        loader.load_state_dict({"epoch": 0, "consumed": 2, "per_batch": 4})  # 8 of 16 examples
+    loader.load_state_dict({"epoch": 0, "consumed": 4, "per_batch": 4})  # all 16: the epoch is over
+    assert list(loader) == []
+    loader.load_state_dict({"epoch": 0, "consumed": 3, "per_batch": 2})  # the same layout: where it stopped
+    assert [b.tolist() for b in loader] == [b.tolist() for b in list(ResumableLoader(
+        data, batch_size=2, sampler=DistributedSampler(data, num_replicas=1, rank=0)))[3:]]

@@ -76,3 +76,15 @@ def test_pack_refuses_bad_input():
         pack_codes(torch.zeros(16, dtype=torch.long), 3)
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 15\]"):
         pack_codes(torch.tensor([16] + [0] * 7), 4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_many_rows_in_slices_equals_one_pass(bits, monkeypatch):
+    """Rows are packed PACK_ROWS at a time (the int64 temporaries of a 14336-row weight would be ~2 GB at once):
+    the words are those of one pass."""
+    import lowbit_ft.kernels.packing as packing
+
+    codes = torch.randint(0, 1 << bits, (50, 64), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    whole = packing.pack_codes(codes, bits)
+    monkeypatch.setattr(packing, "PACK_ROWS", 16)
+    assert torch.equal(packing.pack_codes(codes, bits), whole)

@@ -62,7 +62,7 @@ def test_a_quantizer_registered_by_a_test_is_used_by_name(monkeypatch, tiny_llam
     """A new quantizer is one `Quantizer` plus one registry entry: QuantSpec and quantize_model find it by name."""
     seen = []
 
-    def all_zero(model, names, layout, *, calibration, symmetric, scale_dtype, zero_dtype, damp, progress, visitor):
+    def all_zero(model, names, layout, *, calibration, symmetric, scale_dtype, zero_dtype, damp, progress):
         for name in names:
             linear = model.get_submodule(name)
             layer = QuantLinear(linear.in_features, linear.out_features, layout, zero_dtype=zero_dtype)

@@ -120,8 +120,13 @@ def test_tensor_file_reads_what_safetensors_wrote_and_names_damage(tmp_path):
         assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor), name
     data = (tmp_path / "t.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-8])
-    with pytest.raises(ValueError, match=r"cut\.safetensors: tensor \w+ has an unknown dtype or lies outside"):
+    with pytest.raises(ValueError, match=r"cut\.safetensors: tensor \w+ lies outside the file"):
         TensorFile(tmp_path / "cut.safetensors")
     (tmp_path / "huge.safetensors").write_bytes((1 << 40).to_bytes(8, "little") + data[8:])
-    with pytest.raises(ValueError, match=r"huge\.safetensors: not a safetensors file \(header of 1099511627776"):
+    with pytest.raises(ValueError, match=r"huge\.safetensors: not a safetensors file \(no header of a plausible"):
         TensorFile(tmp_path / "huge.safetensors")
+    (tmp_path / "tiny.safetensors").write_bytes(b"\x01\x00")
+    with pytest.raises(ValueError, match=r"tiny\.safetensors: not a safetensors file"):
+        TensorFile(tmp_path / "tiny.safetensors")
+    with torch.device("meta"):  # Lightning builds models under a device context: the reads stay on the CPU
+        assert torch.equal(read.get_tensor("bf16"), tensors["bf16"])

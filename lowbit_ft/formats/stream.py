@@ -16,6 +16,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.formats.load import (
     BUILTIN_SMOLLM2,
     assign_tensor,
@@ -85,6 +86,16 @@ def streamable(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def stored_dtype(source: str) -> torch.dtype:
+    """The dtype a float HF directory's config.json records (what transformers' dtype="auto" loads), float32
+    for other sources or when it records none."""
+    config = Path(source) / "config.json"
+    if source == BUILTIN_SMOLLM2 or not config.is_file():
+        return torch.float32
+    data = json.loads(config.read_text())
+    return parse_dtype(data.get("dtype") or data.get("torch_dtype") or "float32", f"{config}: dtype")
 
 
 def open_float(source: str, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None

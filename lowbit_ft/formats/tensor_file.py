@@ -9,6 +9,7 @@ keeps (measured in bench/scale.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -26,18 +27,28 @@ class TensorFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        length = self.path.stat().st_size
         with open(self.path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > _MAX_HEADER:
-                raise ValueError(f"{self.path}: not a safetensors file (header of {size} bytes)")
-            header = json.loads(f.read(size))
+            head = f.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < size <= min(_MAX_HEADER, length - 8):
+                raise ValueError(f"{self.path}: not a safetensors file (no header of a plausible size)")
+            try:
+                header = json.loads(f.read(size))
+            except ValueError:
+                header = None
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: not a safetensors file (its header is not a JSON object)")
         header.pop("__metadata__", None)
         self._start, self._entries = 8 + size, header
-        length = self.path.stat().st_size - self._start
         for name, entry in header.items():
-            begin, end = entry["data_offsets"]
-            if entry.get("dtype") not in _DTYPES or not 0 <= begin <= end <= length:
-                raise ValueError(f"{self.path}: tensor {name} has an unknown dtype or lies outside the file")
+            try:
+                begin, end = entry["data_offsets"]
+                shape = [int(n) for n in entry["shape"]]
+            except (TypeError, KeyError, ValueError):
+                raise ValueError(f"{self.path}: tensor {name} has no valid shape and data_offsets") from None
+            if not 0 <= begin <= end <= length - self._start or min(shape, default=0) < 0:
+                raise ValueError(f"{self.path}: tensor {name} lies outside the file")
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -45,13 +56,16 @@ class TensorFile:
     def get_tensor(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
         begin, end = entry["data_offsets"]
-        dtype, shape = _DTYPES[entry["dtype"]], entry["shape"]
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        dtype, shape = _DTYPES.get(entry["dtype"]), entry["shape"]
+        if dtype is None:
+            raise ValueError(f"{self.path}: tensor {name} has dtype {entry['dtype']!r}, which lowbit-ft does not read")
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{self.path}: tensor {name} spans {end - begin} bytes, its shape {shape} needs "
+                             f"{math.prod(shape) * dtype.itemsize}")
+        # on the CPU whatever the default device: the bytes are read into it through numpy
+        buffer = torch.empty(end - begin, dtype=torch.uint8, device="cpu")
         with open(self.path, "rb") as f:
             f.seek(self._start + begin)
             if f.readinto(buffer.numpy()) != end - begin:
                 raise ValueError(f"{self.path}: truncated inside tensor {name}")
-        tensor = buffer.view(dtype) if buffer.numel() else torch.empty(0, dtype=dtype)
-        if tensor.numel() != (count := int(torch.Size(shape).numel())):
-            raise ValueError(f"{self.path}: tensor {name} holds {tensor.numel()} values, its shape {shape} {count}")
-        return tensor.reshape(shape)
+        return buffer.view(dtype).reshape(shape) if buffer.numel() else torch.empty(shape, dtype=dtype, device="cpu")

@@ -73,9 +73,9 @@ def quantize_model(
     names = quantizable(model, layout, targets, exclude, skip_indivisible)
     if quantizer.needs_calibration and calibration is None:
         raise ValueError(f"method={method!r} needs calibration token ids: quantize_model(..., calibration=ids)")
+    streamed = {"visitor": visitor} if visitor is not None else {}  # a quantizer that never streams needs no visitor
     return quantizer.quantize(model, names, layout, calibration=calibration, symmetric=symmetric,
-                              scale_dtype=scale_dtype, zero_dtype=zero_dtype, damp=damp, progress=progress,
-                              visitor=visitor)
+                              scale_dtype=scale_dtype, zero_dtype=zero_dtype, damp=damp, progress=progress, **streamed)
 
 
 @torch.no_grad()

@@ -92,7 +92,8 @@ class Quantizer:
     place and returns the model; `calibration` (token-id batches) is given only to quantizers that need it. It
     visits the decoder blocks in order, calling `visitor.before(i, block)` before it reads block i's weights and
     `visitor.after(i, block)` when it is done with them (`lowbit_ft.quant.blocks`): a model streamed from disk
-    is only loaded there."""
+    is only loaded there. `visitor` is passed only when there is one, so a quantizer written for models in
+    memory works unchanged on them."""
 
     name: str
     quantize: Callable[..., nn.Module]

@@ -50,29 +50,31 @@ class ResumableLoader(DataLoader):
 
     The state is the epoch and the number of batches training has consumed in it, read from the
     trainer's progress counters at save time (the loader's own count runs one batch ahead: Lightning
-    prefetches), and the examples that makes over all ranks. On resume the epoch's permutation is rebuilt
-    from (seed, epoch) and those examples are skipped, so a resumed run sees exactly the batches an
-    uninterrupted one would — also on another number of ranks, whose samplers deal the same permutation
-    (rank r takes every world-th example from r)."""
+    prefetches), and the examples a batch takes over all ranks. On resume the epoch's permutation is rebuilt
+    from (seed, epoch) and those batches are skipped, so a resumed run sees exactly the batches an
+    uninterrupted one would. At an epoch's end any layout continues (every rank's sampler deals the next
+    epoch's permutation afresh); in mid-epoch the batch × ranks must be the checkpoint's, since Lightning's
+    own progress counters are in its batches."""
 
     def __init__(self, *args, consumed=lambda: 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._consumed, self._skip = consumed, 0
 
+    @property
+    def _per_batch(self) -> int:
+        return self.batch_size * self.sampler.num_replicas
+
     def state_dict(self) -> dict:
-        consumed = int(self._consumed())
-        return {"epoch": self.sampler.epoch, "consumed": consumed,
-                "examples": consumed * self.batch_size * self.sampler.num_replicas}
+        return {"epoch": self.sampler.epoch, "consumed": int(self._consumed()), "per_batch": self._per_batch}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.set_epoch(state["epoch"])
-        per_batch = self.batch_size * self.sampler.num_replicas
-        examples = state.get("examples", state["consumed"] * per_batch)
-        if examples % per_batch:
-            raise ValueError(f"--ckpt_path: the checkpoint's run had consumed {examples} examples of this epoch, "
-                             f"which batches of {self.batch_size} on {self.sampler.num_replicas} ranks cannot "
-                             "continue from; resume with a batch size × devices that divides it")
-        self._skip = examples // per_batch
+        saved = state.get("per_batch", self._per_batch)
+        if saved != self._per_batch and state["consumed"] * saved < len(self.sampler.dataset):
+            raise ValueError(f"--ckpt_path: the checkpoint stopped in mid-epoch with batches of {saved} examples over "
+                             f"all ranks, this run takes {self._per_batch} (data.batch_size × devices): resume "
+                             "with the checkpoint's, or from a checkpoint written at an epoch's end")
+        self._skip = state["consumed"] if saved == self._per_batch else len(self)  # an epoch's end: all of it
 
     def __iter__(self):
         skip, self._skip = self._skip, 0

@@ -271,7 +271,7 @@ class LowBitModule(L.LightningModule):
         """The adapted model in one piece, for the merge check, exports and the adapter file. Unsharded runs: the
         model itself. Sharded: a collective (every rank calls it) after which rank 0 holds a copy on its CPU — the
         base read again from the cache entry this run built, adapter tensors gathered one at a time — and the
-        other ranks None. The copy is kept until the next optimizer step."""
+        other ranks None. The copy is kept until the next training batch starts."""
         if not self.sharded:
             return self.model
         if self._whole is None or self._whole[0] != self.global_step:
@@ -306,6 +306,7 @@ class LowBitModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_started = time.perf_counter()
+        self._whole = None  # a gathered copy (sharded runs) is stale once training goes on
         # adapter dropout masks depend on (seed, step, micro-batch, rank) only, not on how many random
         # numbers were drawn before (dataloader iterators, validation): a resumed run draws the same ones
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))

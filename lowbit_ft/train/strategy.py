@@ -18,6 +18,7 @@ file, so a run resumes on any number of ranks (and `lowbit-ft export` reads it a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -42,13 +43,17 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     Args:
         process_group_backend: nccl on GPUs, gloo on CPUs (default: by device).
+        timeout_minutes: how long a rank waits in a collective, e.g. while rank 0 quantizes the base for the
+            cache before the others read it (GPTQ of a 70B takes hours: build it first with lowbit-ft quantize,
+            or raise this).
     """
 
-    def __init__(self, process_group_backend: str | None = None) -> None:
+    def __init__(self, process_group_backend: str | None = None, timeout_minutes: float = 30.0) -> None:
         if _torch_version() < MIN_TORCH:
             raise ValueError(f"trainer.strategy FSDP2Strategy needs torch ≥ {'.'.join(map(str, MIN_TORCH))} "
                              f"(fully_shard), this is {torch.__version__}: upgrade torch or use strategy: ddp")
-        super().__init__(save_distributed_checkpoint=False, process_group_backend=process_group_backend)
+        super().__init__(save_distributed_checkpoint=False, process_group_backend=process_group_backend,
+                         timeout=timedelta(minutes=timeout_minutes))
 
     def setup_environment(self) -> None:
         # one data-parallel mesh dimension over every process (Lightning's default would be tensor parallel)
@@ -126,9 +131,11 @@ def shard_check(model_config, targets, block_out: int, ranks: int) -> None:
 
 def shard_model(model: nn.Module, mesh) -> nn.Module:
     """Apply FSDP2 to a quantized HF LLaMA-family model with adapters attached, in place: each decoder block its
-    own unit (gathered for its forward and backward only), the lm_head another (the loss calls it chunk by chunk;
-    with the embeddings when they are tied), the rest (embeddings, final norm) with `model.model`. The packed
-    tensors become frozen parameters so FSDP2 shards them."""
+    own unit (gathered for its forward and backward only), the embeddings and final norm with `model.model`. The
+    packed tensors become frozen parameters so FSDP2 shards them. The lm_head (frozen, float) stays whole on every
+    rank: the loss calls it once per chunk of counted tokens, a number that differs between ranks, and a sharded
+    head would all-gather that many times, which ranks must do in step (the memory table counts it under
+    "+ gathered"). Tied embeddings are that same tensor, so they stay whole too."""
     from torch.distributed.fsdp import fully_shard
 
     blocks = decoder_blocks(model)
@@ -143,7 +150,5 @@ def shard_model(model: nn.Module, mesh) -> nn.Module:
     for block in blocks:
         fully_shard(block, mesh=mesh)
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    # tied embeddings are one parameter: one unit holds it for both modules (sharded once)
-    fully_shard([embeddings, head] if head.weight is embeddings.weight else head, mesh=mesh)
-    fully_shard(model.model, mesh=mesh)
+    fully_shard(model.model, mesh=mesh, ignored_params={head.weight} if head.weight is embeddings.weight else None)
     return model
