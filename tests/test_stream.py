@@ -130,3 +130,17 @@ def test_tensor_file_reads_what_safetensors_wrote_and_names_damage(tmp_path):
         TensorFile(tmp_path / "tiny.safetensors")
     with torch.device("meta"):  # Lightning builds models under a device context: the reads stay on the CPU
         assert torch.equal(read.get_tensor("bf16"), tensors["bf16"])
+
+
+def test_the_fingerprint_unpacked_a_slice_at_a_time_is_the_fingerprint(monkeypatch):
+    """Codes are unpacked FINGERPRINT_ROWS rows at a time (bounded temporaries); the digest sees the same bytes in
+    the same order, so recorded fingerprints stay valid."""
+    import lowbit_ft.formats.cache as cache
+    from lowbit_ft.quant.convert import quantize_model
+    from lowbit_ft.quant.layout import BlockLayout
+
+    model = make_tiny_llama()
+    quantize_model(model, BlockLayout(3, 1, 32), progress=False)
+    whole = cache.fingerprint(model)
+    monkeypatch.setattr(cache, "FINGERPRINT_ROWS", 16)
+    assert cache.fingerprint(model) == whole

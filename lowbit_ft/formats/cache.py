@@ -34,6 +34,7 @@ from lowbit_ft.quant.spec import QuantSpec
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "lowbit_base.json"
+FINGERPRINT_ROWS = 1024  # rows unpacked at once: a whole 14336-row weight's int32 working copies are ~0.5 GB
 CACHE_VERSION = 1  # bump when a quantizer's output changes for the same inputs: old entries are then not reused
 
 
@@ -61,9 +62,10 @@ def fingerprint(model: nn.Module) -> str:
         lay = layer.layout
         digest.update(f"{name}|{lay.bits}|{lay.block_out}|{lay.block_in}|{layer.out_features}|"
                       f"{layer.in_features}\n".encode())
-        codes = unpack_codes(layer.qweight.cpu(), lay.bits)[:, : layer.in_features]
-        for tensor in (codes, layer.scales.float(), layer.zeros.double()):
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        for rows in layer.qweight.detach().split(FINGERPRINT_ROWS):  # the codes' bytes in order, a slice at a time
+            digest.update(unpack_codes(rows.cpu(), lay.bits)[:, : layer.in_features].contiguous().numpy())
+        for tensor in (layer.scales.float(), layer.zeros.double()):
+            digest.update(tensor.detach().cpu().contiguous().numpy())
     return "sha256:" + digest.hexdigest()
 
 
