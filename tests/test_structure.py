@@ -4,6 +4,9 @@ Every `import` / `from ... import` in the package's source — module level or i
 what it points at must sit on the same stage or a lower one, and the arrows must form no cycle."""
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,8 @@ SOURCES = {"lowbit_ft": ROOT / "lowbit_ft", "lowbit_ft.callbacks": ROOT / "callb
 #: the stages, lowest first: a module may import from its own stage and those before it
 STAGES = [
     ("foundation", ["lowbit_ft.kernels", "lowbit_ft.dtypes", "lowbit_ft.checks", "lowbit_ft.fsutil",
-                    "lowbit_ft.quiet", "lowbit_ft.progress", "lowbit_ft.records", "lowbit_ft.hostmem"]),
+                    "lowbit_ft.quiet", "lowbit_ft.progress", "lowbit_ft.records", "lowbit_ft.hostmem",
+                    "lowbit_ft.checkout"]),
     ("quantization", ["lowbit_ft.quant"]),
     ("adapters", ["lowbit_ft.adapters"]),
     ("formats", ["lowbit_ft.formats"]),
@@ -113,3 +117,27 @@ def test_an_upward_import_is_caught(src, dst, monkeypatch):
         test_imports_point_down_the_stages()
     with pytest.raises(AssertionError, match=src):
         test_no_import_circle()
+
+
+def test_the_checkout_root_does_not_shadow_installed_kernels_or_callbacks(tmp_path):
+    """`kernels/` and `callbacks/` sit in the checkout's root, where `python` and pytest put them on sys.path
+    under bare names; transformers imports Hugging Face's `kernels`. From the root, `import kernels` must reach an
+    installed `kernels` (or fail as missing), while lowbit_ft's own packages still load."""
+    installed = tmp_path / "site"
+    for name in ("kernels", "callbacks"):
+        (installed / name).mkdir(parents=True)
+        (installed / name / "__init__.py").write_text(f"WHO = 'installed {name}'\n")
+    code = ("import kernels, callbacks; print(kernels.WHO); print(callbacks.WHO)\n"
+            "from lowbit_ft.kernels import quant_matmul; from lowbit_ft.callbacks import MergeCheck; print('ours')")
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.stdout.split() == ["installed", "kernels", "installed", "callbacks", "ours"], run.stderr
+
+    env.pop("PYTHONPATH")
+    missing = subprocess.run([sys.executable, "-c", "import callbacks"], cwd=ROOT, env=env, capture_output=True,
+                             text=True)
+    assert missing.returncode == 1 and "No module named 'callbacks'" in missing.stderr, missing.stderr
+    # transformers ≥ 5.25 requires Hugging Face's `kernels` and imports it with its activations
+    real = subprocess.run([sys.executable, "-c", "from transformers import LlamaConfig; import kernels; "
+                           "print(kernels.__file__)"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert real.returncode == 0 and "site-packages" in real.stdout, real.stderr

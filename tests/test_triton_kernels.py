@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit_ft import BlockLayout, QuantLinear, kernels
-from lowbit_ft.kernels import quant_matmul, quant_matmul_t, reference
+from lowbit_ft import BlockLayout, QuantLinear
+from lowbit_ft.kernels import dispatch, quant_matmul, quant_matmul_t, reference
 from lowbit_ft.kernels import triton_qmatmul as tq  # conftest.py sets TRITON_INTERPRET=1 without a GPU
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -168,10 +168,10 @@ def test_dispatch(monkeypatch):
 def test_layouts_the_kernels_do_not_take_go_to_the_reference():
     q = layer(4, (1, 48), in_f=192)  # block_in 48 is not a power of two
     cuda_input = SimpleNamespace(is_cuda=True)  # what "auto" picks for a CUDA tensor, decided on any machine
-    assert kernels._resolve("auto", cuda_input, q) == "torch"
-    assert kernels._resolve("auto", cuda_input, layer(4, (8, 4))) == "triton"
+    assert dispatch._resolve("auto", cuda_input, q) == "torch"
+    assert dispatch._resolve("auto", cuda_input, layer(4, (8, 4))) == "triton"
     x = torch.randn(4, 192, device=DEVICE)
-    assert kernels._resolve("auto", cuda_input, layer(3, (1, 32), in_f=160)) == "torch"  # 3-bit: in % 64 != 0
+    assert dispatch._resolve("auto", cuda_input, layer(3, (1, 32), in_f=160)) == "torch"  # 3-bit: in % 64 != 0
     with pytest.raises(ValueError, match=r"backend='triton' needs a power-of-two block_in \(got 48\)"):
         quant_matmul(x, q, backend="triton")
 
