@@ -14,6 +14,7 @@ Stages, each its own process under `/usr/bin/time -f %M` (peak resident set of t
                  --checkpoint_format lowbit --output WORKDIR/quant-gptq
   fit            lowbit-ft fit --config WORKDIR/fit.yaml: recipes/quickstart.yaml with model.base = the float
                  model, --fit_steps steps, batch --fit_batch × --fit_length tokens, validation off, bf16 compute,
+                 gradient checkpointing as the 7B-70B recipes (--fit_checkpointing),
                  LOWBIT_FT_CACHE = WORKDIR/cache emptied first, so the stage quantizes the base from float
   export         lowbit-ft export --checkpoint (the fit's last.ckpt) --format lowbit --dtype bfloat16 (the same
                  LOWBIT_FT_CACHE: the base the fit cached is reused, as in a user's run)
@@ -189,6 +190,12 @@ def lowbit_ft(*args: str) -> list[str]:
     return [sys.executable, "-m", "lowbit_ft", *args]
 
 
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{value!r}: use on or off")
+    return value == "on"
+
+
 def fit_config(args, model_dir: Path, runs: Path) -> dict:
     """recipes/quickstart.yaml made into a short fit of the float model: bf16, no validation, one checkpoint."""
     import yaml
@@ -202,7 +209,7 @@ def fit_config(args, model_dir: Path, runs: Path) -> dict:
     for callback in trainer["callbacks"]:
         if callback["class_path"].endswith("ModelCheckpoint"):
             callback["init_args"]["every_n_train_steps"] = args.fit_steps
-    config["model"].update(base=str(model_dir), r=args.fit_rank)
+    config["model"].update(base=str(model_dir), r=args.fit_rank, gradient_checkpointing=args.fit_checkpointing)
     config["data"].update(batch_size=args.fit_batch, max_length=args.fit_length)
     return config
 
@@ -417,6 +424,9 @@ def parse_args(argv: list[str] | None = None):
     run_args.add_argument("--fit_batch", type=int, default=1, help="fit: examples per step")
     run_args.add_argument("--fit_length", type=int, default=128, help="fit: tokens per example")
     run_args.add_argument("--fit_rank", type=int, default=16, help="fit: adapter rank r (QA-LoRA)")
+    run_args.add_argument("--fit_checkpointing", type=_on_off, default=True, metavar="on|off",
+                          help="fit: model.gradient_checkpointing, on as in the 7B-70B recipes (off: every block's "
+                               "activations stay for backward, ~20 MB per block per 128 tokens at hidden 4096)")
     run_args.add_argument("--packed_from", choices=("quant-rtn", "computed"), default="quant-rtn",
                           help="the packed size the bounds add to: the safetensors quantize-rtn wrote (its "
                                "non-quantized tensors as lowbit-ft quantize stores them), or QuantLinear's "

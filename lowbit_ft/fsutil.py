@@ -151,21 +151,31 @@ def write_checkpoint(model: nn.Module, out_dir: str | os.PathLike, packed: dict[
     return Path(out_dir)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` next to `path` and rename it into place: a crash never leaves a half-written file.
-    Refuses an existing file (results are never overwritten)."""
+@contextmanager
+def replaced_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """A file opened beside `path` that becomes `path` (os.replace, after fsync) only when the block ends without
+    an error: a crash or a full disk never leaves a partial file under the final name, and never touches what was
+    at `path` before."""
     path = Path(path)
-    refuse_existing(path, None, "--output")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
     default_permissions(path)
-    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through `replaced_file`. Refuses an existing file (results are never overwritten)."""
+    refuse_existing(path, None, "--output")
+    with replaced_file(path, "w") as f:
+        f.write(text)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:

@@ -18,6 +18,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torchmetrics
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 from transformers import AutoConfig
@@ -30,6 +31,7 @@ from lowbit_ft.formats.stream import open_float
 from lowbit_ft.quant.modules import DEFAULT_TARGETS, quant_layers
 from lowbit_ft.quant.spec import QuantSpec, calibration_batches
 from lowbit_ft.records import BUILTIN_DEMO, next_token_labels
+from lowbit_ft.train.checkpoint_io import AtomicCheckpointIO
 from lowbit_ft.train.loss import chunked_cross_entropy
 from lowbit_ft.train.precision import LowBitPrecision
 from lowbit_ft.train.strategy import shard_check, shard_model
@@ -200,6 +202,13 @@ class LowBitModule(L.LightningModule):
             raise ValueError(f"model.init=quant_error is for RTN bases, and the plugin says method={spec.method!r}: "
                              "on GPTQ bases the refit raised perplexity (GPTQ's codes already compensate errors "
                              "across columns; docs/results.md). Use method: rtn, or model.init=zero")
+
+    def setup(self, stage: str) -> None:
+        """Checkpoints are written by `AtomicCheckpointIO` unless the run configured its own CheckpointIO (an
+        override calls super().setup)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if strategy is not None and type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
 
     def on_fit_start(self) -> None:
         if self.hparams.init == "quant_error" and self._trainer.ckpt_path is None:  # a resume has its weights
