@@ -116,9 +116,13 @@ def read_records(path: str, key: str = "data.path") -> list[dict]:
 
 
 def format_prompt(record: dict, template: str, tokenizer) -> str:
+    """The prompt of an {instruction, input} record: the Alpaca prompt, the tokenizer's chat template with the
+    generation prompt (one user turn), or 'none': the instruction (and input) as written."""
     instruction, extra = record["instruction"], record.get("input") or ""
     if template == "alpaca":
         return (ALPACA_WITH_INPUT if extra else ALPACA_NO_INPUT).format(instruction=instruction, input=extra)
+    if template == "none":
+        return f"{instruction}\n\n{extra}" if extra else instruction
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("data.template='chat': the tokenizer has no chat template; use data.template='alpaca'")
     content = f"{instruction}\n\n{extra}" if extra else instruction
@@ -147,6 +151,15 @@ def next_token_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     tokens (label ≠ -100) count."""
     targets = labels[..., 1:]
     return targets, targets != IGNORE_INDEX
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What of a collated batch the model takes. Packed rows (with position_ids) go without their attention mask,
+    so that transformers builds the block-diagonal mask that keeps each example to itself from the position ids
+    (flash-attention: its variable-length path); the KV cache is off, which that detection needs."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
 def has_response(example: dict) -> bool:

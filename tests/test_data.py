@@ -1,10 +1,21 @@
 import json
 
 import pytest
+import torch
 
 from lowbit_ft.formats.load import load_tokenizer
-from lowbit_ft.records import IGNORE_INDEX, demo_records, format_prompt, read_records, tokenize
+from lowbit_ft.records import (
+    IGNORE_INDEX,
+    demo_records,
+    format_prompt,
+    model_inputs,
+    next_token_labels,
+    read_records,
+    tokenize,
+)
 from lowbit_ft.train.data import Collate, InstructionDataModule, pack
+
+from .conftest import make_adapted_llama
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +39,42 @@ def test_chat_template(tokenizer):
     assert "<|im_start|>user\nHi<|im_end|>" in text and text.endswith("<|im_start|>assistant\n")
 
 
-def test_truncation_and_packing():
-    examples = [{"input_ids": list(range(10)), "labels": [IGNORE_INDEX] * 4 + list(range(4, 10))}] * 3
-    blocks = pack(examples, 8)
-    assert len(blocks) == 3 and all(len(b["input_ids"]) == 8 for b in blocks)
-    assert blocks[1]["labels"][:2] == [8, 9] and blocks[1]["labels"][2:6] == [IGNORE_INDEX] * 4
+def test_pack_lays_whole_examples_end_to_end_each_from_position_0():
+    examples = [{"input_ids": [1] * n, "labels": [1] * n} for n in (5, 3, 4)]
+    rows = pack(examples, 8)
+    assert [r["position_ids"] for r in rows] == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3]]
+    assert rows[0]["labels"] == [IGNORE_INDEX, 1, 1, 1, 1, IGNORE_INDEX, 1, 1]  # no example predicts the next
+    batch = Collate(pad_id=0)(rows)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]]
+    assert model_inputs(batch).keys() == {"input_ids", "position_ids", "use_cache"}
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    logits = model(**model_inputs(batch)).logits
+    targets, mask = next_token_labels(batch["labels"])
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), targets[mask])
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_packed_batch_trains_like_the_same_examples_unpacked():
+    model = make_adapted_llama("qa_lora", vocab=256)
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n, prompt in ((9, 3), (5, 2), (12, 4), (7, 0)):  # the last one is trained on every token
+        ids = torch.randint(3, 256, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    loss, grads = loss_and_grads(model, Collate(pad_id=0)(examples))
+    packed = Collate(pad_id=0)(pack(examples, 24))
+    assert packed["input_ids"].shape == (2, 19)  # rows of 9 + 5 and 12 + 7 tokens
+    packed_loss, packed_grads = loss_and_grads(model, packed)
+    assert packed_loss == pytest.approx(loss, rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item())
+    # what packing was before: the row as one attention span, positions running on
+    spanned = {k: v for k, v in packed.items() if k != "position_ids"}
+    assert abs(loss_and_grads(model, spanned)[0] - loss) > 1e-3
 
 
 def test_collate_pads_and_masks():
@@ -91,7 +133,7 @@ def test_seeded_split(tiny_model_dir):
     def split(seed):
         data = InstructionDataModule(tokenizer=str(tiny_model_dir), seed=seed, limit=40, val_fraction=0.25)
         data.setup()
-        return data.train_set, data.val_set
+        return [ex["input_ids"] for ex in data.train_set], [ex["input_ids"] for ex in data.val_set]
 
     train, val = split(1)
     assert (train, val) == split(1) and len(val) == 10 and len(train) == 30

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -167,14 +168,14 @@ def test_unknown_adapter(tiny_model_dir, capsys):
 
 def test_missing_data_file(tiny_model_dir, capsys, tmp_path):
     err = one_line_error(capsys, fit_args(tiny_model_dir, "--data.path", str(tmp_path / "nope.jsonl")))
-    assert f"data.path='{tmp_path / 'nope.jsonl'}': file not found" in err
+    assert f"data.path='{tmp_path / 'nope.jsonl'}': no such file or folder" in err
 
 
 def test_missing_field_in_a_record(tiny_model_dir, capsys, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
     err = one_line_error(capsys, fit_args(tiny_model_dir, "--data.path", str(data)))
-    assert "line 2 has no 'output' string; every record needs 'instruction' and 'output'" in err
+    assert "d.jsonl': line 2: 'output' must be a non-empty string" in err
 
 
 def test_group_size_not_dividing_in_features(tiny_model_dir, capsys):
@@ -259,3 +260,17 @@ def test_bad_numbers_fail_before_the_model_loads(flag, value, message, tiny_mode
 
     monkeypatch.setattr(lowbit_ft.train.module, "quantized_base", no_load)
     assert message in one_line_error(capsys, fit_args(tiny_model_dir, flag, value))
+
+
+def test_the_conversation_recipe_trains_packed_conversations(tiny_model_dir, tmp_path):
+    """recipes/chat_messages.yaml on the tiny model: messages records through the chat template, packed."""
+    recipe = Path(__file__).parent.parent / "recipes" / "chat_messages.yaml"
+    chats = Path(__file__).parent.parent / "data" / "chat_demo.jsonl"
+    main(["fit", "--config", str(recipe), "--model.base", str(tiny_model_dir), "--model.r", "4",
+          "--data.path", str(chats), "--data.limit", "24", "--data.num_proc", "1", "--trainer.max_steps", "2",
+          "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1"])
+    (metrics,) = tmp_path.glob("out/chat_messages/version_0/logs/version_*/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert any(r.get("val/loss") for r in rows)

@@ -169,7 +169,11 @@ def test_gguf_with_a_sentencepiece_tokenizer_runs_in_llama_cpp(sentencepiece_tok
     random_qa_lora(model, seed=0, scale=0.2)
     path = export(model, tmp_path / "gguf", format="gguf", tokenizer=tokenizer) / GGUF_FILE
     texts = [p.strip() for p in (Path(__file__).parent.parent / "README.md").read_text().split("\n\n")[:80]]
-    texts = [" ".join(t.split()) for t in texts if t] + ["Hello world 123, ünïcödé €5 and 日本"]
+    # text that spells a special token (README's `</s>`): llama.cpp and transformers split what follows it apart
+    # differently (a ▁ prefix or not), a runtime difference, not the file's
+    specials = tokenizer.all_special_tokens
+    texts = [" ".join(t.split()) for t in texts if t and not any(s in t for s in specials)]
+    texts += ["Hello world 123, ünïcödé €5 and 日本"]
     llm = LlamaCpp(path)
     try:
         for text in texts:

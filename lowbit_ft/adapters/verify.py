@@ -20,7 +20,7 @@ from lowbit_ft.adapters.adapter import AdaptedLinear, aligned, merge_into
 from lowbit_ft.adapters.model import adapted_layers, merged_view
 from lowbit_ft.quant.modules import set_submodule
 from lowbit_ft.quant.quant_linear import QuantLinear, restored_zeros
-from lowbit_ft.records import next_token_labels
+from lowbit_ft.records import model_inputs, next_token_labels
 
 
 class MergeMismatchError(RuntimeError):
@@ -82,7 +82,7 @@ def layer_errors(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, 
     for wrapped in adapted_layers(model).values():
         hooks.append(wrapped.register_forward_hook(check))
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        model(**model_inputs(batch))
     finally:
         for hook in hooks:
             hook.remove()
@@ -108,7 +108,7 @@ def check_merge(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, f
     model.eval()
     try:
         figures = layer_errors(model, batch)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = model_inputs(batch)
         adapter_on = model(**inputs).logits
         low_bit = all(aligned(w.adapter.tile, w.layer.layout) for w in adapted_layers(model).values())
         if low_bit:

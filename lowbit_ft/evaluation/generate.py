@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lowbit_ft.chat import end_of_turn_id
 from lowbit_ft.records import format_prompt
 
 
@@ -21,6 +22,9 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str | dict], max
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    # a chat-trained model ends its turn with the template's end-of-turn token (ChatML's <|im_end|>)
+    stop = [tokenizer.eos_token_id] + ([end] if template == "chat" and (end := end_of_turn_id(tokenizer)) is not None
+                                       and end != tokenizer.eos_token_id else [])
     answers = []
     try:
         for prompt in prompts:
@@ -28,7 +32,8 @@ def generate_answers(model: nn.Module, tokenizer, prompts: list[str | dict], max
             text = record["instruction"] if template == "none" else format_prompt(record, template, tokenizer)
             ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                                 eos_token_id=stop)
             answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     finally:
         model.train(was_training)

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit_ft.examples import example as as_example
 from lowbit_ft.progress import progress_bar
-from lowbit_ft.records import has_response, next_token_labels, read_json_lines, tokenize
+from lowbit_ft.records import has_response, next_token_labels, read_json_lines
 
 
 def read_task(path: str | Path) -> list[dict]:
@@ -102,8 +103,8 @@ def evaluate_task(model: nn.Module, tokenizer, path: str | Path, limit: int | No
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer, records: list[dict], max_length: int = 512,
                template: str = "alpaca") -> dict:
-    """Perplexity of Alpaca records, laid out as in training (`lowbit_ft.records.tokenize`: prompt template,
-    BOS, EOS, truncation to max_length), token-weighted over all records.
+    """Perplexity of Alpaca records, laid out as in training (`lowbit_ft.examples.example`: prompt or chat
+    template, BOS, EOS / end-of-turn, truncation to max_length), token-weighted over all records.
 
     `response` covers the response tokens only — the tokens fine-tuning is trained on, the same figure as
     training's val/perplexity; `text` covers every token after the first (prompt included). Records whose
@@ -115,7 +116,7 @@ def perplexity(model: nn.Module, tokenizer, records: list[dict], max_length: int
     counts = {"response": 0, "text": 0}
     used = 0
     for record in progress_bar(records, desc="perplexity", leave=False):
-        example = tokenize(record, tokenizer, template, max_length)
+        example = as_example(record, tokenizer, template, max_length)
         if not has_response(example):  # the prompt fills max_length (checked on the host, no device sync)
             continue
         ids = torch.tensor(example["input_ids"], device=device)

@@ -23,7 +23,7 @@ from lowbit_ft.train.run_dir import last_checkpoint, place_outputs, release, run
 
 #: settings a resumed run may change (besides trainer.*: max_steps, logging, callbacks, devices, …): they do not
 #: change what the adapters learn from the next step on. Every other model / data / plugin setting must match.
-RESUMABLE_CHANGES = ("model.gradient_checkpointing", "data.num_workers")
+RESUMABLE_CHANGES = ("model.gradient_checkpointing", "data.num_workers", "data.num_proc")
 #: what `validate` needs equal: the adapters' structure and scale (the rest is about training)
 VALIDATE_COMPARES = ("model.adapter", "model.r", "model.alpha", "model.adapter_args", "model.targets")
 

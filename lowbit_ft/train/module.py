@@ -30,7 +30,7 @@ from lowbit_ft.formats.cache import QuantizedBase, fingerprint, quantized_base, 
 from lowbit_ft.formats.stream import open_float
 from lowbit_ft.quant.modules import DEFAULT_TARGETS, quant_layers
 from lowbit_ft.quant.spec import QuantSpec, calibration_batches
-from lowbit_ft.records import BUILTIN_DEMO, next_token_labels
+from lowbit_ft.records import BUILTIN_DEMO, model_inputs, next_token_labels
 from lowbit_ft.train.checkpoint_io import AtomicCheckpointIO
 from lowbit_ft.train.loss import chunked_cross_entropy
 from lowbit_ft.train.precision import LowBitPrecision
@@ -135,7 +135,7 @@ class LowBitModule(L.LightningModule):
         every micro-batch of the accumulation window on every rank — so accumulation and N processes both train
         exactly like one large batch."""
         body = self.model.model  # the decoder without its lm_head, which the loss applies chunk by chunk
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = body(**model_inputs(batch)).last_hidden_state
         targets, _ = next_token_labels(batch["labels"])
         out = chunked_cross_entropy(hidden[:, :-1], self.model.get_output_embeddings(), targets,
                                     return_predictions=predictions)
