@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -158,3 +159,17 @@ def test_a_dataset_name_offline_and_not_cached_names_the_cache(tmp_path):
     assert run.returncode == 0 and "\n" not in line, run.stderr
     assert line.startswith("data.path='someone/no-such-dataset': not in the datasets cache (")
     assert str(tmp_path / "hf") in line
+
+
+def test_the_tokenize_bench_runs(tmp_path):
+    """bench/tokenize_data.py on 40 conversations: both process counts tokenize every record (the script checks
+    the counts of the first run and of the reload) into a cache entry of their own."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    try:
+        import tokenize_data
+    finally:
+        sys.path.pop(0)
+    assert tokenize_data.main(["--records", "40", "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["num_proc"] for r in rows] == [1, 2]
+    assert all(len(list((tmp_path / f"cache-{n}" / "data").iterdir())) == 1 for n in (1, 2))
