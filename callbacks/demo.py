@@ -30,10 +30,11 @@ class DemoReport(L.Callback):
     Args:
         prompts: instruction records ({instruction, input}) to answer; default: two of the demo tasks.
         max_new_tokens: tokens generated per answer at most.
-        template: the prompt template of the training data (as data.template).
+        template: the prompt template (as data.template); default: the one the training data used.
     """
 
-    def __init__(self, prompts: list[dict] | None = None, max_new_tokens: int = 16, template: str = "alpaca") -> None:
+    def __init__(self, prompts: list[dict] | None = None, max_new_tokens: int = 16,
+                 template: str | None = None) -> None:
         self.prompts = [dict(p) for p in (prompts or DEMO_PROMPTS)]
         self.max_new_tokens, self.template = max_new_tokens, template
         self.before: list[str] = []
@@ -44,6 +45,7 @@ class DemoReport(L.Callback):
         return generate_answers(model, tokenizer, self.prompts, self.max_new_tokens, self.template)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.template = self.template or getattr(trainer.datamodule, "template_used", None) or "alpaca"
         model = whole_model(pl_module)  # every rank: a sharded run gathers it to rank 0
         if trainer.is_global_zero:
             self.before = self._answers(model, pl_module.base.tokenizer)

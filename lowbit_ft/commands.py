@@ -74,8 +74,8 @@ def quantize(
         ignore_modules: module-name prefixes never to quantize (e.g. 'model.layers.0.').
         skip_indivisible: leave linears whose in_features the group size does not divide in 16 bit
             (reported) instead of stopping with an error.
-        calibration_data: for gptq: an Alpaca .json/.jsonl file or 'builtin:demo' (its text is the calibration
-            set; default: builtin:demo, as there is no training data here).
+        calibration_data: for gptq: records in any format data.path reads, or 'builtin:demo' (their text is
+            the calibration set; default: builtin:demo, as there is no training data here).
         calibration_samples: for gptq: number of calibration sequences.
         calibration_length: for gptq: tokens per calibration sequence.
         calibration_mode: for gptq: 'concat' (records joined and cut into samples × length tokens) or
@@ -188,22 +188,25 @@ def export(output: Path, checkpoint: Path | None = None, format: str = "lowbit",
     return path
 
 
-def load_for_eval(model: str, dequantize: bool = False):
-    """(model in eval mode, tokenizer) from any source `lowbit-ft eval` and `harness` accept."""
+def load_for_eval(model: str, dequantize: bool = False, template: str | None = None):
+    """(model in eval mode, tokenizer, template) from any source `lowbit-ft eval` and `harness` accept. `template`
+    None: the one a fit checkpoint was trained with (alpaca for other models)."""
+    trained = None
     if str(model).endswith(".ckpt"):
         module = module_from_checkpoint(Path(model), option="--model")
         lm, tokenizer = module.model, module.base.tokenizer or load_tokenizer(module.hparams.base)
+        trained = module.trained_template
     else:
         lm, tokenizer = load_model(str(model))
         if tokenizer is None:
             raise ValueError(f"--model {model}: no tokenizer there; evaluation needs one")
     if dequantize:
         dequantize_model(lm)
-    return lm.eval(), tokenizer
+    return lm.eval(), tokenizer, template or trained or "alpaca"
 
 
 def generate(model: str, prompt: list[str], max_new_tokens: int = 64,
-             template: Literal["alpaca", "chat", "none"] = "alpaca", output: Path | None = None) -> list[dict]:
+             template: Literal["alpaca", "chat", "none"] | None = None, output: Path | None = None) -> list[dict]:
     """Answer prompts with a model (greedy): a fit checkpoint, an exported directory, a .gguf or 'smollm2'.
 
     Args:
@@ -211,12 +214,13 @@ def generate(model: str, prompt: list[str], max_new_tokens: int = 64,
             directory, a .gguf file, or 'smollm2'.
         prompt: instructions to answer; repeat --prompt for several.
         max_new_tokens: tokens generated per answer at most.
-        template: the prompt template the model was fine-tuned with (as data.template); 'none': as given.
+        template: the prompt template the model was fine-tuned with (as data.template; 'none': as given);
+            default: the one a fit checkpoint records, alpaca for other models.
         output: also write {prompt, answer} records as JSONL here (refused if it exists).
     """
     if output is not None:
         refuse_existing(output, None, "--output")
-    lm, tokenizer = load_for_eval(model)
+    lm, tokenizer, template = load_for_eval(model, template=template)
     answers = generate_answers(lm, tokenizer, prompt, max_new_tokens, template)
     records = [{"prompt": p, "answer": a} for p, a in zip(prompt, answers, strict=True)]
     for record in records:
@@ -228,7 +232,7 @@ def generate(model: str, prompt: list[str], max_new_tokens: int = 64,
 
 def evaluate(model: str, data: list[str], output: Path | None = None, limit: int | None = None,
              perplexity_data: Path | None = None, perplexity_samples: int = 200, max_length: int = 512,
-             template: Literal["alpaca", "chat"] = "alpaca", dequantize: bool = False) -> dict:
+             template: Literal["alpaca", "chat", "none"] | None = None, dequantize: bool = False) -> dict:
     """Score a model on local multiple-choice tasks (log-likelihood) and, optionally, perplexity.
 
     Args:
@@ -241,7 +245,8 @@ def evaluate(model: str, data: list[str], output: Path | None = None, limit: int
             (what fine-tuning trains, as training's val/perplexity) and of their full text.
         perplexity_samples: records used for perplexity (the first N).
         max_length: tokens per perplexity record (as data.max_length in training; longer ones are truncated).
-        template: the prompt template the model was fine-tuned with (as data.template).
+        template: the prompt template the model was fine-tuned with (as data.template); default: the one a fit
+            checkpoint records, alpaca for other models.
         dequantize: dequantize the packed weights once, to float32, before scoring: the same function,
             several times faster on a CPU (whose torch path dequantizes on every forward), 4-8× the memory.
     """
@@ -251,7 +256,7 @@ def evaluate(model: str, data: list[str], output: Path | None = None, limit: int
         read_task(path)
     records = read_records(str(perplexity_data), "--perplexity_data")[:perplexity_samples] \
         if perplexity_data is not None else None
-    lm, tokenizer = load_for_eval(model, dequantize)
+    lm, tokenizer, template = load_for_eval(model, dequantize, template)
     results = {"model": str(model), "tasks": {}}
     for path in data:
         results["tasks"][Path(path).stem] = scores = evaluate_task(lm, tokenizer, path, limit)
@@ -288,7 +293,7 @@ def harness(model: str, tasks: list[str], include_path: Path | None = None, incl
 
     if output is not None:
         refuse_existing(output)
-    lm, tokenizer = load_for_eval(model, dequantize)
+    lm, tokenizer, _ = load_for_eval(model, dequantize)
     results = run_harness(lm, tokenizer, tasks, include_path, include_defaults, num_fewshot, limit, batch_size)
     for task, metrics in results.items():
         shown = "   ".join(f"{k.split(',')[0]} {v:.3f}" for k, v in metrics.items()

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 from lowbit_ft.chat import check_conversation
+from lowbit_ft.records import BUILTIN_DEMO, demo_records, read_json_lines
 
 FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt")
 #: the columns that identify each format (detection tries them in this order)
@@ -39,11 +40,12 @@ def _split_name(split: str, key: str) -> str:
     return match["name"]
 
 
-def load_source(path: str, split: str = "train", key: str = "data.path"):
-    """The `datasets.Dataset` at `path` (see the module's docstring), restricted to `split`."""
+def load_source(path: str, split: str = "train", key: str = "data.path", split_key: str = "data.split"):
+    """The `datasets.Dataset` at `path` (see the module's docstring), restricted to `split`; messages name the
+    path as `key` and the split as `split_key`."""
     import datasets
 
-    _split_name(split, "data.split")
+    _split_name(split, split_key)
     what = f"{key}={path!r}"
     local = Path(path).expanduser()
     try:
@@ -64,7 +66,9 @@ def load_source(path: str, split: str = "train", key: str = "data.path"):
                     f"files of {len(kinds)} kinds ({', '.join(sorted(kinds))}); keep one kind of shard in it"
                     if kinds else f"no {', '.join(BUILDERS)} files and is no save_to_disk directory"))
             return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split=split)
-        if local.is_absolute() or path.startswith((".", "~")) or os.sep in path.strip("/").replace("/", "", 1):
+        # a dataset name is NAME or OWNER/NAME; anything else is a path that is not there
+        if (local.is_absolute() or path.startswith((".", "~")) or local.suffix in BUILDERS
+                or os.sep in path.strip("/").replace("/", "", 1)):
             raise FileNotFoundError(f"{what}: no such file or folder")
         return _from_hub(path, split, what)
     except (FileNotFoundError, ValueError):
@@ -79,7 +83,7 @@ def _from_disk(folder: Path, split: str, what: str):
 
     loaded = datasets.load_from_disk(str(folder))
     if isinstance(loaded, datasets.DatasetDict):
-        name = _split_name(split, "data.split")
+        name = _SPLIT.match(split)["name"]
         if name not in loaded:
             raise ValueError(f"{what}: no split {name!r}; it has {', '.join(loaded)} (set data.split)")
         loaded = loaded[name]
@@ -162,3 +166,47 @@ def canonical_record(record: dict, fmt: str, where: str) -> dict:
                              f"{', '.join(SHAREGPT_ROLES)}")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
     return {"messages": check_conversation(messages, where)}
+
+
+def open_records(path: str, split: str = "train", key: str = "data.path", split_key: str = "data.split"):
+    """(the records at `path` as a `datasets.Dataset`, where each row came from — "line N" for .json / .jsonl
+    files, read here so that errors name the line — or None for "row N", a label for messages)."""
+    import datasets
+
+    label = f"{key}={path!r}" + (f" ({split})" if split != "train" else "")
+    local = Path(path).expanduser()
+    if path != BUILTIN_DEMO and not (local.is_file() and local.suffix in (".json", ".jsonl")):
+        return load_source(path, split, key, split_key), None, label
+    if split != "train":
+        raise ValueError(f"{split_key}={split!r}: {key}={path!r} has one split, train; use data.val_fraction")
+    rows = [(f"record {i}", r) for i, r in enumerate(demo_records())] if path == BUILTIN_DEMO \
+        else read_json_lines(local, key)
+    for where, record in rows:
+        if not isinstance(record, dict):
+            raise ValueError(f"{label}: {where} is not a JSON object")
+    columns = list(dict.fromkeys(k for _, r in rows for k in r))
+    try:
+        table = datasets.Dataset.from_dict({c: [r.get(c) for _, r in rows] for c in columns})
+    except Exception as err:  # arrow cannot hold a column whose rows have different types
+        raise ValueError(f"{label}: a column holds values of different types ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0]}); give each field one type") from None
+    return table, [w for w, _ in rows], label
+
+
+def canonical_records(path: str, key: str) -> list[dict]:
+    """Every record at `path` (any source, format detected) checked and in canonical form; for small sets such as
+    GPTQ's calibration text."""
+    table, wheres, label = open_records(path, "train", key)
+    fmt = detect_format(table.column_names, None, label)
+    return [canonical_record(row, fmt, f"{label}: {wheres[i] if wheres else f'row {i}'}")
+            for i, row in enumerate(table)]
+
+
+def record_text(record: dict) -> str:
+    """A canonical record's text, without a template (GPTQ calibrates on it)."""
+    if "instruction" in record:
+        return f"{record['instruction']}\n{record['input']}\n{record['output']}"
+    if "prompt" in record:
+        return record["prompt"] + record["completion"]
+    return "\n".join(m["content"] for m in record["messages"])
+

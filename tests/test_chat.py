@@ -5,7 +5,7 @@ import copy
 
 import pytest
 
-from lowbit_ft.chat import check_conversation, conversation_example
+from lowbit_ft.chat import check_conversation, conversation_example, end_of_turn_id
 from lowbit_ft.records import IGNORE_INDEX
 
 CONVERSATION = [
@@ -144,3 +144,15 @@ def test_a_template_that_rewrites_replies_is_refused(tokenizer):
     tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n{% endfor %}")
     with pytest.raises(ValueError, match="changes the assistant's text"):
         conversation_example(CONVERSATION, tokenizer, 4096, where="row 0")
+
+
+@pytest.mark.parametrize(("make", "token"), [(chatml, "<|im_end|>"), (llama3, "<|eot_id|>"), (mistral, "</s>")],
+                         ids=["chatml", "llama3", "mistral"])
+def test_generation_stops_at_the_templates_end_of_turn_token(tokenizer, make, token):
+    tokenizer = make(tokenizer)
+    assert end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids(token)
+
+
+def test_a_template_without_an_end_of_turn_token_has_none(tokenizer):
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert end_of_turn_id(tokenizer) is None

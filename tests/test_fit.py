@@ -274,3 +274,9 @@ def test_the_conversation_recipe_trains_packed_conversations(tiny_model_dir, tmp
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert any(r.get("val/loss") for r in rows)
+    # the checkpoint records the template: generate and eval prompt a chat-trained model with the chat template
+    from lowbit_ft.commands import load_for_eval
+
+    (ckpt,) = tmp_path.glob("out/chat_messages/version_0/checkpoints/last.ckpt")
+    assert torch.load(ckpt, weights_only=True)["InstructionDataModule"] == {"template": "chat"}
+    assert load_for_eval(str(ckpt))[2] == "chat" and load_for_eval(str(ckpt), template="none")[2] == "none"

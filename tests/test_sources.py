@@ -173,3 +173,20 @@ def test_the_tokenize_bench_runs(tmp_path):
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["num_proc"] for r in rows] == [1, 2]
     assert all(len(list((tmp_path / f"cache-{n}" / "data").iterdir())) == 1 for n in (1, 2))
+
+
+def test_gptq_calibrates_on_any_format(tmp_path, smol_tokenizer):
+    """calibration_data in the messages format (a recipe's training data): its text, no template; Alpaca
+    records give the text they always gave (so calibrated bases keep their cache entries)."""
+    from lowbit_ft.quant.spec import QuantSpec, calibration_batches
+
+    chats = tmp_path / "chats.parquet"
+    datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "Capital of Peru?"},
+                                              {"role": "assistant", "content": "Lima."}]}] * 3).to_parquet(str(chats))
+    spec = QuantSpec(method="gptq", calibration_data=str(chats), calibration_mode="per_record", calibration_samples=2)
+    batches = calibration_batches(smol_tokenizer, spec)
+    assert [smol_tokenizer.decode(b[0]) for b in batches] == ["Capital of Peru?\nLima."] * 2
+    demo = calibration_batches(smol_tokenizer, QuantSpec(method="gptq", calibration_data="builtin:demo",
+                                                         calibration_mode="per_record", calibration_samples=1))
+    first = demo_records()[0]
+    assert smol_tokenizer.decode(demo[0][0]) == f"{first['instruction']}\n{first['input']}\n{first['output']}"

@@ -82,7 +82,7 @@ def quantized_source(source: str) -> bool:
     return "quantization_config" in data or "quantization" in data
 
 
-def _file_identity(path: Path) -> list:
+def file_identity(path: Path) -> list:
     stat = path.stat()
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
@@ -92,10 +92,10 @@ def source_identity(source: str) -> list:
     in place changes the mtime; a moved source is a new source)."""
     path = smollm2_gguf() if source == BUILTIN_SMOLLM2 else Path(source)
     if path.is_file():
-        return [_file_identity(path)]
+        return [file_identity(path)]
     if not path.is_dir():
         raise FileNotFoundError(f"model.base={source!r}: no such file or directory")
-    return [_file_identity(p) for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    return [file_identity(p) for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")]
 
 
 def cache_root() -> Path:
@@ -107,7 +107,7 @@ def cache_key(source: str, spec: QuantSpec, dtype: torch.dtype) -> str:
     data = {"version": CACHE_VERSION, "source": source_identity(source), "spec": spec.to_dict(),
             "dtype": dtype_name(dtype)}
     if spec.calibrated and spec.calibration_data and Path(spec.calibration_data).is_file():
-        data["calibration"] = _file_identity(Path(spec.calibration_data))
+        data["calibration"] = file_identity(Path(spec.calibration_data))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -16,7 +16,7 @@ from lowbit_ft.quant.convert import quantize_model
 from lowbit_ft.quant.layout import BlockLayout
 from lowbit_ft.quant.modules import DEFAULT_TARGETS, NEVER_QUANTIZED
 from lowbit_ft.quant.registry import get_quantizer
-from lowbit_ft.records import read_records
+from lowbit_ft.sources import canonical_records, record_text
 
 DEFAULT_GROUP_SIZE = 64  # divides every LLaMA width, SmolLM2's 576 included (128 does not)
 CALIBRATION_MODES = ("concat", "per_record")
@@ -37,8 +37,8 @@ class QuantSpec:
         targets: last name components of the linears to quantize.
         ignore_modules: module-name prefixes never to quantize (e.g. 'model.layers.0.').
         skip_indivisible: leave linears the group size does not divide in 16 bit instead of failing.
-        calibration_data: gptq: an Alpaca .json/.jsonl file or 'builtin:demo' (None in a recipe: the
-            training data).
+        calibration_data: gptq: records in any format data.path reads, or 'builtin:demo' (None in a recipe:
+            the training data); their text without a template.
         calibration_samples: gptq: calibration sequences.
         calibration_length: gptq: tokens per sequence.
         calibration_mode: gptq: 'concat' (records joined and cut into samples × length tokens, GPTQ's
@@ -129,10 +129,9 @@ def calibration_batches(tokenizer, spec: QuantSpec) -> list[torch.Tensor]:
         raise ValueError(f"method={spec.method!r} needs a tokenizer for its calibration text; use a model directory "
                          "with one")
     if spec.calibration_data is None:
-        raise ValueError(f"method={spec.method!r} needs calibration_data: an Alpaca .json/.jsonl file or "
-                         "'builtin:demo'")
-    records = read_records(spec.calibration_data, "calibration_data")
-    texts = [f"{r['instruction']}\n{r.get('input') or ''}\n{r['output']}" for r in records]
+        raise ValueError(f"method={spec.method!r} needs calibration_data: a data file, folder or dataset name (as "
+                         "data.path) or 'builtin:demo'")
+    texts = [record_text(r) for r in canonical_records(spec.calibration_data, "calibration_data")]
     if spec.calibration_mode == "per_record":
         batches = [torch.tensor([ids[: spec.calibration_length]])
                    for ids in (tokenizer(t, add_special_tokens=False)["input_ids"]

@@ -13,7 +13,11 @@ from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.formats.cache import cache_root, read_record
 from lowbit_ft.formats.load import BUILTIN_SMOLLM2
 from lowbit_ft.quant.spec import QuantSpec
+from lowbit_ft.train.data import InstructionDataModule
 from lowbit_ft.train.module import LowBitModule
+
+#: where Lightning keeps the data module's state_dict in a checkpoint
+DATA_STATE = InstructionDataModule.__qualname__
 
 
 def read_checkpoint(path: Path, option: str) -> dict:
@@ -67,6 +71,7 @@ def module_from_checkpoint(checkpoint: Path, base: str | None = None, option: st
     module.build_model(spec, dtype, cache_key=cache_key)
     module.on_load_checkpoint(ckpt)  # same adapter keys and base fingerprint, or a one-line error
     module.load_state_dict(ckpt["state_dict"], strict=False)
+    module.trained_template = (ckpt.get(DATA_STATE) or {}).get("template")
     return module.eval()
 
 

@@ -21,15 +21,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lowbit_ft.chat import TRAIN_ON
 from lowbit_ft.checks import check_number
 from lowbit_ft.examples import TEMPLATES, example, template_for
-from lowbit_ft.formats.cache import _file_identity, cache_root
+from lowbit_ft.formats.cache import cache_root, file_identity
 from lowbit_ft.formats.load import load_tokenizer
-from lowbit_ft.records import BUILTIN_DEMO, IGNORE_INDEX, demo_records, read_json_lines
-from lowbit_ft.sources import FORMATS, canonical_record, detect_format, load_source, map_columns
+from lowbit_ft.records import BUILTIN_DEMO, IGNORE_INDEX
+from lowbit_ft.sources import FORMATS, canonical_record, detect_format, load_source, map_columns, open_records
 
 log = logging.getLogger(__name__)
 
 #: bump when what a cached tokenization holds changes
 DATA_CACHE_VERSION = 1
+#: beside the Arrow files of a cache entry: the format and the template its records were rendered with
+LAYOUT_FILE = "lowbit_data.json"
 
 
 def pack(examples, max_length: int) -> list[dict]:
@@ -172,6 +174,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
+        self.template_used: str | None = None  # data.template, or what the format gave (set as records load)
 
     # --- tokenized records, cached ------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -182,6 +185,9 @@ class InstructionDataModule(L.LightningDataModule):
     def _splits(self) -> list[str]:
         return [self.hparams.split] + ([self.hparams.val_split] if self.hparams.val_split else [])
 
+    def _split_key(self, split: str) -> str:
+        return "data.split" if split == self.hparams.split else "data.val_split"
+
     def _tokenizer(self):
         if getattr(self, "_loaded_tokenizer", None) is None:
             tokenizer = load_tokenizer(self.hparams.tokenizer)
@@ -190,41 +196,17 @@ class InstructionDataModule(L.LightningDataModule):
             self._loaded_tokenizer = tokenizer
         return self._loaded_tokenizer
 
-    def _source(self, split: str):
-        """(the raw dataset, where each row came from or None for "row N", its label in messages)."""
-        import datasets
-
-        path, key = self.hparams.path, "data.path" if split == self.hparams.split else "data.val_split"
-        label = f"data.path={path!r}" + (f" ({split})" if split != "train" else "")
-        local = Path(path).expanduser()
-        if path == BUILTIN_DEMO or (local.is_file() and local.suffix in (".json", ".jsonl")):
-            if split != "train":
-                raise ValueError(f"data.{'val_split' if key == 'data.val_split' else 'split'}={split!r}: {path} "
-                                 "has one split (train); use val_fraction")
-            rows = [(f"record {i}", r) for i, r in enumerate(demo_records())] if path == BUILTIN_DEMO \
-                else read_json_lines(local, "data.path")
-            for where, record in rows:
-                if not isinstance(record, dict):
-                    raise ValueError(f"{label}: {where} is not a JSON object")
-            columns = list(dict.fromkeys(k for _, r in rows for k in r))
-            table = {c: [r.get(c) for _, r in rows] for c in columns}
-            try:
-                return datasets.Dataset.from_dict(table), [w for w, _ in rows], label
-            except Exception as err:  # arrow cannot hold a column whose rows have different types
-                raise ValueError(f"{label}: a column holds values of different types ({type(err).__name__}: "
-                                 f"{str(err).splitlines()[0]}); give each field one type") from None
-        return load_source(path, split, key), None, label
-
     def _source_identity(self, split: str) -> list:
         path = self.hparams.path
         local = Path(path).expanduser()
         if path == BUILTIN_DEMO:
             return [path]
         if local.is_file():
-            return [split, _file_identity(local)]
+            return [split, file_identity(local)]
         if local.is_dir():
-            return [split, [_file_identity(p) for p in sorted(local.rglob("*")) if p.is_file()]]
-        return [split, path, load_source(path, split)._fingerprint]  # a named dataset: its cached version
+            return [split, [file_identity(p) for p in sorted(local.rglob("*")) if p.is_file()]]
+        # a named dataset: the version the datasets cache holds
+        return [split, path, load_source(path, split, "data.path", self._split_key(split))._fingerprint]
 
     def _cache_dir(self, split: str, tokenizer) -> Path:
         h = self.hparams
@@ -246,9 +228,9 @@ class InstructionDataModule(L.LightningDataModule):
         tokenizer = self._tokenizer()
         cached = self._cache_dir(split, tokenizer)
         if cached.is_dir():
-            return datasets.load_from_disk(str(cached))
+            return self._load(cached, split)
         h = self.hparams
-        raw, wheres, label = self._source(split)
+        raw, wheres, label = open_records(h.path, split, "data.path", self._split_key(split))
         if h.limit and split == h.split:  # a smoke run tokenizes only what it uses, in the seeded order
             order = list(range(len(raw)))
             random.Random(h.seed).shuffle(order)
@@ -280,13 +262,29 @@ class InstructionDataModule(L.LightningDataModule):
         tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cached.name}."))
         try:
             tokens.save_to_disk(str(tmp))
+            (tmp / LAYOUT_FILE).write_text(json.dumps({"format": fmt, "template": template}))
             os.replace(tmp, cached)
         except OSError:
             if not cached.is_dir():  # not another rank that got there first
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        return self._load(cached, split)
+
+    def _load(self, cached: Path, split: str):
+        import datasets
+
+        if split == self.hparams.split:
+            self.template_used = json.loads((cached / LAYOUT_FILE).read_text())["template"]
         return datasets.load_from_disk(str(cached))
+
+    def state_dict(self) -> dict:
+        """What a checkpoint records of the data: the template the model was trained with (generate and eval
+        prompt with it)."""
+        return {"template": self.template_used} if self.template_used else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Nothing to restore: the template follows from the data and settings, which resume checks."""
 
     # --- Lightning ----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

@@ -93,6 +93,7 @@ class LowBitModule(L.LightningModule):
         self.save_hyperparameters()
         self.model: nn.Module | None = None
         self.base: QuantizedBase | None = None  # the quantized base and its identity (set by build_model)
+        self.trained_template: str | None = None  # data.template a checkpoint recorded: generate / eval prompt so
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint checks them
         self.val_loss = torchmetrics.MeanMetric()
         self.val_accuracy = torchmetrics.MeanMetric()

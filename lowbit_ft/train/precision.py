@@ -39,7 +39,7 @@ class LowBitPrecision(Precision):
         dtype: compute dtype of the non-quantized tensors and of autocast: float32, bfloat16, float16.
         targets: last name components of the linears to quantize (default: q,k,v,o,gate,up,down).
         ignore_modules: module-name prefixes never to quantize (e.g. 'model.layers.0.').
-        calibration_data: gptq: an Alpaca .json/.jsonl file or 'builtin:demo' (default: the training data).
+        calibration_data: gptq: records in any format data.path reads, or 'builtin:demo' (default: the training data).
         calibration_samples: gptq: calibration sequences.
         calibration_length: gptq: tokens per calibration sequence.
         calibration_mode: gptq: 'concat' (records joined, cut into samples × length) or 'per_record'.
