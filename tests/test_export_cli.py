@@ -2,6 +2,7 @@
 from the checkpoint, and the GPTQ export loaded by transformers + gptqmodel."""
 
 import csv
+import os
 import shutil
 import subprocess
 import sys
@@ -266,3 +267,21 @@ def test_a_format_registered_by_a_test_round_trips(trained, tmp_path, capsys, mo
         loaded = model(tokens).logits
     assert (loaded - adapter_on).norm() / adapter_on.norm() < 1e-5
     assert torch.equal(loaded.argmax(-1), adapter_on.argmax(-1))
+
+
+def test_a_checkpoint_naming_a_cache_entry_outside_the_cache_is_refused(trained, tmp_path, capsys):
+    """A base record's cache key is a name read from a file: a path in it ('../../elsewhere') must never be
+    followed, even when a loadable base sits there."""
+    from lowbit_ft.formats.cache import cache_root
+
+    ckpt = torch.load(trained / "out/quickstart/version_0/checkpoints/last.ckpt", map_location="cpu",
+                      weights_only=True)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(cache_root() / ckpt["lowbit_base"]["cache_key"], elsewhere)
+    ckpt["lowbit_base"]["cache_key"] = os.path.relpath(elsewhere, cache_root())
+    torch.save(ckpt, tmp_path / "crafted.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--checkpoint", str(tmp_path / "crafted.ckpt"), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "crafted.ckpt: its base record names cache entry '../" in err
+    assert "which is not a cache key" in err and not (tmp_path / "o").exists()

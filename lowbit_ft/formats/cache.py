@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,18 @@ def source_identity(source: str) -> list:
 
 def cache_root() -> Path:
     return Path(os.environ.get("LOWBIT_FT_CACHE") or Path.home() / ".cache" / "lowbit_ft") / "bases"
+
+
+_KEY = re.compile(r"[0-9a-f]{24}")
+
+
+def cache_entry(key: object, where: str) -> Path:
+    """The cache directory of `key`, a name read from a file (a checkpoint's base record): only the digest
+    `cache_key` makes is accepted, so a crafted key ('../../elsewhere', an absolute path) never becomes a path."""
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
+        raise ValueError(f"{where}: its base record names cache entry {str(key)[:60]!r}, which is not a cache key "
+                         "(24 hex digits): the file is damaged or not lowbit-ft's")
+    return cache_root() / key
 
 
 def cache_key(source: str, spec: QuantSpec, dtype: torch.dtype) -> str:
@@ -188,7 +201,7 @@ def quantized_base(source: str, spec: QuantSpec | None, dtype: torch.dtype = tor
         raise ValueError(f"model.base={source!r} is a float model: add a lowbit_ft.LowBitPrecision plugin "
                          "(bits, group_size) to quantize it, or give a GPTQ / lowbit directory")
     root = cache_root()
-    if cache and cache_key_hint and (root / cache_key_hint / RECORD_FILE).is_file():
+    if cache and cache_key_hint and (cache_entry(cache_key_hint, where) / RECORD_FILE).is_file():
         return _from_cache(root / cache_key_hint, source, spec, dtype, device)
     key = cache_key(source, spec, dtype)
     with _cache_lock(root, key) if cache else contextlib.nullcontext():

@@ -10,7 +10,7 @@ import torch
 
 from lowbit_ft import adapters
 from lowbit_ft.dtypes import parse_dtype
-from lowbit_ft.formats.cache import cache_root, read_record
+from lowbit_ft.formats.cache import cache_entry, cache_root, read_record
 from lowbit_ft.formats.load import BUILTIN_SMOLLM2
 from lowbit_ft.quant.spec import QuantSpec
 from lowbit_ft.train.data import InstructionDataModule
@@ -56,7 +56,8 @@ def module_from_checkpoint(checkpoint: Path, base: str | None = None, option: st
     record = ckpt.get("lowbit_base")
     if record is not None:
         spec, dtype = read_record(record, f"{option} {checkpoint}")
-        cache_key = None if base is not None else record.get("cache_key")
+        cache_key = None if base is not None or record.get("cache_key") is None else \
+            cache_entry(record["cache_key"], f"{option} {checkpoint}").name
     else:  # written before bases were fingerprinted: the plugin's settings only, nothing to verify against
         spec, dtype, cache_key = legacy_spec(ckpt["lowbit_precision"])
     hparams = checkpoint_hparams(ckpt)
