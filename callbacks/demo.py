@@ -62,7 +62,8 @@ class DemoReport(L.Callback):
         if export is None:
             print("demo: add lowbit_ft.callbacks.QuantizedExport before DemoReport to see the merged model reloaded")
             return
-        reloaded = AutoModelForCausalLM.from_pretrained(export.path, dtype=torch.float32).eval()
+        reloaded = AutoModelForCausalLM.from_pretrained(export.path, dtype=torch.float32,
+                                                        trust_remote_code=False).eval()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         texts = [format_prompt(p, self.template, tokenizer) for p in self.prompts]

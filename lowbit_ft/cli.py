@@ -5,6 +5,7 @@ typed functions whose docstrings are their --help)."""
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 from argparse import ArgumentError
 
@@ -70,8 +71,21 @@ def main(argv: list[str] | None = None) -> None:
         # user errors are one line, not a traceback (nor jsonargparse's report on every union alternative)
         hint = " (trainer.accelerator: no such device here; use auto or cpu)" \
             if type(err).__name__ == "MisconfigurationException" and "backend" in str(err) else ""
-        print(f"lowbit-ft: error: {innermost_error(str(err))}{hint}", file=sys.stderr)
+        print(f"lowbit-ft: error: {remote_code_refused(innermost_error(str(err)))}{hint}", file=sys.stderr)
         raise SystemExit(1 if type(err).__name__ == "NonFiniteLossError" else 2) from None
+
+
+_REMOTE_CODE = re.compile(r"The repository (?P<path>.+?) contains custom code .*trust_remote_code")
+
+
+def remote_code_refused(message: str) -> str:
+    """transformers' refusal of a directory's own code (every load passes trust_remote_code=False) says to pass
+    trust_remote_code=True, which lowbit-ft has no option for: say what it is instead."""
+    match = _REMOTE_CODE.search(message)
+    if match is None:
+        return message
+    return (f"{match['path']}: this model or tokenizer exists only as Python code inside its directory (auto_map); "
+            "lowbit-ft never runs a model directory's code: use a model whose architecture transformers ships")
 
 
 def with_bare_flags(command, argv: list[str]) -> list[str]:

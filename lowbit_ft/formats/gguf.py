@@ -321,10 +321,11 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     # transformers' GGUF reader shows a plain tqdm bar: ours writes whole lines when stderr is a log
     with mock.patch.object(hf_gguf, "tqdm", progress_bar):
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                     trust_remote_code=False)
     # transformers dequantizes GGUF to plain float weights but keeps its GGUF quantizer attached,
     # which makes .float()/.half() refuse and save_pretrained write a stale quantization_config
     model.hf_quantizer, model.is_quantized = None, False

@@ -103,11 +103,11 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", b
     raw_qc = raw_config.get("quantization_config") or {}
     lowbit = raw_qc.get("quant_method") == QUANT_METHOD
     qc = None if lowbit else read_gptq_config(path)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we do the quantized loading; transformers must not
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     files = safetensors_files(path)
     # a layer's tensors may sit in different shards: index every key's file first
     opened = {file: TensorFile(file) for file in files}  # plain reads: no shard stays mapped in memory
@@ -154,10 +154,10 @@ def load_tokenizer(source: str):
     """The tokenizer of a model source ('smollm2', a .gguf file, or a directory with tokenizer files)."""
     path = smollm2_gguf() if source == BUILTIN_SMOLLM2 else Path(source)
     if path.suffix == ".gguf" and path.is_file():
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     if not has_tokenizer(path):
         raise FileNotFoundError(f"{source!r}: no tokenizer files (tokenizer.json / tokenizer_config.json) there")
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 @contextlib.contextmanager
@@ -188,7 +188,8 @@ def load_model(source: str, dtype: torch.dtype = torch.float32):
         )
     with _hf_bars_off_in_logs():
         if fmt is None and "quantization_config" not in config:
-            model, tokenizer = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), None
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+            model, tokenizer = model.eval(), None
         elif fmt is None or fmt.load is None:  # an unknown quant_method is refused there, by name
             model, tokenizer = load_quantized(path, dtype=dtype), None
         else:

@@ -104,10 +104,10 @@ def load_mlx(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.
     if not (path / "model.safetensors").is_file():
         raise ValueError(f"{path}: no model.safetensors (sharded MLX checkpoints are not read here)")
     layout = BlockLayout.group(int(quant["bits"]), int(quant["group_size"]))
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(config, "quantization"):
         del config.quantization
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     weights = load_file(path / "model.safetensors")
     for name in sorted(k.removesuffix(".scales") for k in weights if k.endswith(".scales")):
         try:
