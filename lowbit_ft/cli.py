@@ -9,6 +9,8 @@ import re
 import sys
 from argparse import ArgumentError
 
+from lowbit_ft.config_files import config_problem
+from lowbit_ft.config_files import install as strict_configs
 from lowbit_ft.hostmem import return_freed_memory
 
 LIGHTNING_COMMANDS = {
@@ -45,6 +47,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     user_errors: tuple[type[BaseException], ...] = ()
     return_freed_memory()  # streamed models drop a block at a time: that memory must leave the process
+    strict_configs()  # a key given twice, an alias, an oversized config: refused by every parse
+    problem = config_problem(argv)  # and before the heavy imports, for --config files
+    if problem:
+        print(f"lowbit-ft: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         if argv[0] in PROJECT_COMMANDS:
             from jsonargparse import CLI

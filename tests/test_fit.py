@@ -158,7 +158,8 @@ def one_line_error(capsys, args) -> str:
 def test_bad_yaml(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_steps: [1\n")
-    assert "Problems parsing config" in one_line_error(capsys, ["fit", "--config", str(bad)])
+    err = one_line_error(capsys, ["fit", "--config", str(bad)])
+    assert f"--config {bad}: while parsing a flow sequence" in err and "line 2, column 14" in err
 
 
 def test_unknown_adapter(tiny_model_dir, capsys):

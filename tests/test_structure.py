@@ -19,7 +19,8 @@ SOURCES = {"lowbit_ft": ROOT / "lowbit_ft", "lowbit_ft.callbacks": ROOT / "callb
 STAGES = [
     ("foundation", ["lowbit_ft.kernels", "lowbit_ft.dtypes", "lowbit_ft.checks", "lowbit_ft.fsutil",
                     "lowbit_ft.quiet", "lowbit_ft.progress", "lowbit_ft.records", "lowbit_ft.hostmem",
-                    "lowbit_ft.checkout", "lowbit_ft.chat", "lowbit_ft.sources", "lowbit_ft.examples"]),
+                    "lowbit_ft.checkout", "lowbit_ft.chat", "lowbit_ft.sources", "lowbit_ft.examples",
+                    "lowbit_ft.config_files"]),
     ("quantization", ["lowbit_ft.quant"]),
     ("adapters", ["lowbit_ft.adapters"]),
     ("formats", ["lowbit_ft.formats"]),

@@ -3,12 +3,16 @@
 import ast
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from lowbit_ft.cli import main
+from lowbit_ft.config_files import MAX_CONFIG_CHARS, config_problem
 
 EVIL = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
 
@@ -66,3 +70,58 @@ def test_every_transformers_load_in_the_package_refuses_remote_code():
                     missing.append(f"{path.relative_to(root)}:{node.lineno}")
     assert loads >= 10, "found too few transformers loads: the scan is broken"
     assert not missing, missing
+
+
+# --- config files ----------------------------------------------------------------------------------------------
+def config_error(capsys, text: str, tmp_path) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path)])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_two_sections_of_the_same_name_are_refused_naming_both_lines(capsys, tmp_path):
+    text = "model:\n  r: 4\n  lr: 0.001\ndata:\n  max_length: 64\nmodel:\n  r: 64\n  lr: 0.5\n"
+    assert config_error(capsys, text, tmp_path) == (
+        f"lowbit-ft: error: --config {tmp_path / 'config.yaml'}: key 'model' is given twice, on lines 1 and 6; YAML "
+        "would keep only the second: remove one")
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(capsys, tmp_path):
+    assert "key 'r' is given twice, on lines 2 and 4" in config_error(
+        capsys, "model:\n  r: 4\n  alpha: 16\n  r: 8\n", tmp_path)
+
+
+def test_a_command_line_yaml_value_is_loaded_strictly_too(capsys):
+    """Refused, not read as {pooling: mean}; jsonargparse reports it as the option's type error (its wording)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.adapter_args", "{pooling: sum, pooling: mean}", "--print_config"])
+    assert exit_info.value.code == 2 and 'key "model.adapter_args"' in capsys.readouterr().err
+
+
+def test_an_alias_bomb_is_refused_at_once_in_little_memory(tmp_path):
+    """Nine aliases of nine aliases of nine lists: billions of elements if expanded. Refused within 5 s with the
+    process's address space capped at 500 MB."""
+    bomb = tmp_path / "bomb.yaml"
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb.write_text("\n".join(lines) + "\nmodel:\n  adapter_args: {x: *a8}\n")
+
+    def cap_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (500 * 2**20, 500 * 2**20))
+
+    run = subprocess.run([sys.executable, "-m", "lowbit_ft", "fit", "--config", str(bomb)], capture_output=True,
+                         text=True, timeout=5, preexec_fn=cap_memory)
+    assert run.returncode == 2 and "line 2: YAML aliases (*a0) are not accepted in configs" in run.stderr, run.stderr
+
+
+def test_an_oversized_config_is_refused(capsys, tmp_path):
+    text = "model:\n  adapter_args:\n    note: '" + "x" * (MAX_CONFIG_CHARS + 1) + "'\n"
+    assert f"more than {MAX_CONFIG_CHARS:,}; a config this large is refused" in config_error(capsys, text, tmp_path)
+
+
+def test_the_recipes_still_load():
+    for recipe in sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")):
+        assert config_problem(["fit", "--config", str(recipe)]) is None, recipe
