@@ -125,3 +125,42 @@ def test_an_oversized_config_is_refused(capsys, tmp_path):
 def test_the_recipes_still_load():
     for recipe in sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")):
         assert config_problem(["fit", "--config", str(recipe)]) is None, recipe
+
+
+# --- numbers in files that decide an allocation -------------------------------------------------------------
+CALL_TIMED = """
+import sys, time
+from lowbit_ft.formats.{module} import {function}
+start = time.perf_counter()
+try:
+    {function}(sys.argv[1])
+except ValueError as err:
+    print(f"{{time.perf_counter() - start:.2f}}", err, sep="\\n")
+"""
+
+
+@pytest.mark.parametrize(("module", "function", "quantized"), [
+    ("stream", "open_float", False), ("load", "load_model", False), ("load", "load_quantized", True)])
+def test_a_million_layer_config_over_two_layers_of_weights_is_refused_at_once(tiny_model_dir, tmp_path, module,
+                                                                             function, quantized):
+    """config.json's num_hidden_layers decides how many layers a skeleton gets: checked against the layers the
+    safetensors headers hold before anything is built (the old code built a million layers' modules)."""
+    model = tmp_path / "model"
+    if quantized:
+        from lowbit_ft import BlockLayout, quantize_model
+        from lowbit_ft.formats.lowbit import save_lowbit
+
+        from .conftest import make_tiny_llama
+
+        save_lowbit(quantize_model(make_tiny_llama(), BlockLayout.group(4, 32), progress=False), model)
+    else:
+        shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] = 1_000_000
+    (model / "config.json").write_text(json.dumps(config))
+    code = CALL_TIMED.format(module=module, function=function)
+    run = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=120)
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 2 and float(lines[0]) < 5, run.stdout + run.stderr[-2000:]
+    assert lines[1] == (f"{model / 'config.json'}: num_hidden_layers is 1000000 but the weights hold 2 decoder "
+                        "layers: the config does not belong to these weights")

@@ -23,6 +23,7 @@ from lowbit_ft.formats.lowbit import QUANT_METHOD, install_quant_layers
 from lowbit_ft.formats.registry import detect_format
 from lowbit_ft.formats.tensor_file import TensorFile
 from lowbit_ft.progress import is_terminal, progress_bar
+from lowbit_ft.quant.blocks import block_index
 from lowbit_ft.quant.modules import set_submodule
 from lowbit_ft.quant.quant_linear import QuantLinear
 
@@ -57,6 +58,18 @@ def safetensors_files(path: Path) -> list[Path]:
     if single.exists():
         return [single]
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def check_layer_count(path: Path, config: dict, keys) -> None:
+    """config.json's num_hidden_layers against the decoder layers the weights hold (their names, from the
+    safetensors headers), before a skeleton is built from the config: a number in a file must not decide an
+    allocation the weights do not back (1,000,000 layers of module objects exhaust any host)."""
+    held = {block_index(key) for key in keys} - {None}
+    stated = config.get("num_hidden_layers")
+    count = max(held) + 1 if held else 0
+    if isinstance(stated, bool) or not isinstance(stated, int) or stated != count:
+        raise ValueError(f"{path / 'config.json'}: num_hidden_layers is {str(stated)[:20]} but the weights hold "
+                         f"{count} decoder layers: the config does not belong to these weights")
 
 
 def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -103,15 +116,16 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", b
     raw_qc = raw_config.get("quantization_config") or {}
     lowbit = raw_qc.get("quant_method") == QUANT_METHOD
     qc = None if lowbit else read_gptq_config(path)
+    files = safetensors_files(path)
+    # a layer's tensors may sit in different shards: index every key's file first
+    opened = {file: TensorFile(file) for file in files}  # plain reads: no shard stays mapped in memory
+    key_file = {key: file for file, tensors in opened.items() for key in tensors.keys()}
+    check_layer_count(path, raw_config, key_file)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we do the quantized loading; transformers must not
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    files = safetensors_files(path)
-    # a layer's tensors may sit in different shards: index every key's file first
-    opened = {file: TensorFile(file) for file in files}  # plain reads: no shard stays mapped in memory
-    key_file = {key: file for file, tensors in opened.items() for key in tensors.keys()}
     layers = sorted({k.rsplit(".", 1)[0] for k in key_file if k.endswith(".qweight")})
 
     def read(key: str) -> torch.Tensor:
@@ -188,6 +202,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32):
         )
     with _hf_bars_off_in_logs():
         if fmt is None and "quantization_config" not in config:
+            check_layer_count(path, config, (k for f in safetensors_files(path) for k in TensorFile(f).keys()))
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
             model, tokenizer = model.eval(), None
         elif fmt is None or fmt.load is None:  # an unknown quant_method is refused there, by name

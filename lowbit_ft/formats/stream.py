@@ -20,6 +20,7 @@ from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.formats.load import (
     BUILTIN_SMOLLM2,
     assign_tensor,
+    check_layer_count,
     has_tokenizer,
     load_model,
     load_tokenizer,
@@ -27,7 +28,7 @@ from lowbit_ft.formats.load import (
 )
 from lowbit_ft.formats.registry import detect_format
 from lowbit_ft.formats.tensor_file import TensorFile
-from lowbit_ft.quant.blocks import BlockVisitor, block_index, decoder_blocks
+from lowbit_ft.quant.blocks import BlockVisitor, block_index
 
 
 class BlockReader(BlockVisitor):
@@ -36,10 +37,12 @@ class BlockReader(BlockVisitor):
 
     def __init__(self, path: Path, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
         self.path, self.dtype, self.device = path, dtype, device
+        self._files = {file: TensorFile(file) for file in safetensors_files(path)}  # plain reads, no memory map
+        check_layer_count(path, json.loads((path / "config.json").read_text()),
+                          (key for tensors in self._files.values() for key in tensors.keys()))
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real, as at load
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-        self._files = {file: TensorFile(file) for file in safetensors_files(path)}  # plain reads, no memory map
         self._keys: dict[int | None, list[tuple[str, Path]]] = {}
         for file, tensors in self._files.items():
             for key in tensors.keys():
@@ -48,13 +51,10 @@ class BlockReader(BlockVisitor):
         self._read(None)
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
-        blocks = decoder_blocks(self.model)
         outside = [n for n, t in self.model.named_parameters() if t.is_meta and block_index(n) is None]
-        beyond = sorted(i for i in self._keys if i is not None and i >= len(blocks))
-        if outside or beyond:
-            what = outside[:3] or [f"model.layers.{beyond[0]}.*"]
-            raise ValueError(f"{path}: the weights and config.json disagree ({what[0]} is "
-                             f"{'missing' if outside else 'beyond num_hidden_layers'}); incomplete or another model")
+        if outside:  # (the number of blocks was checked against config.json above)
+            raise ValueError(f"{path}: the weights and config.json disagree ({outside[0]} is missing); incomplete "
+                             "or another model")
 
     def _read(self, index: int | None) -> None:
         for key, file in self._keys.pop(index, []):
