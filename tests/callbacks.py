@@ -32,6 +32,17 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SignalAt(L.Callback):
+    """Send this process `signum` (default SIGTERM) when training batch `step` starts: deterministic preemption."""
+
+    def __init__(self, step: int = 2, signum: int = int(signal.SIGTERM)) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
 class RecordFirstStep(L.Callback):
     """After the first optimizer step, save what each rank saw to `folder`/rank{r}.pt: its loss (token sum and
     tokens), the whole gradient of every adapter tensor, and the bytes of packed base it holds itself."""

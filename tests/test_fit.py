@@ -89,6 +89,41 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_adapters_bitwise(ti
         assert torch.equal(straight[key], resumed[key]), key
 
 
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_with_a_checkpoint_of_that_step_and_a_failing_status(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          signum, status):
+    """SIGTERM (a scheduler's preemption) or Ctrl-C while step 2 runs: the step finishes, its checkpoint and
+    adapters are written, one line says how to resume, the exit status is 128 + the signal (a scheduler must not
+    see success); --ckpt_path then trains to the adapters of an uninterrupted run, bit for bit."""
+    def args(*extra):  # a checkpoint every step, as the SIGKILL test: the schedule must be the same in both runs
+        out = fit_args(tiny_model_dir, "--model.dropout", "0.1", *extra, steps=7)
+        out[out.index("--trainer.callbacks.every_n_train_steps") + 1] = "1"
+        return out
+
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    main(args())
+    stopped = tmp_path / "b"
+    stopped.mkdir()
+    shutil.copy(Path(__file__).parent / "callbacks.py", stopped / "fault_callbacks.py")
+    done = subprocess.run([sys.executable, "-m", "lowbit_ft", *args(
+        "--trainer.callbacks+=fault_callbacks.SignalAt", "--trainer.callbacks.signum", str(int(signum)))],
+        cwd=stopped, capture_output=True, text=True, timeout=600)
+    ckpt = stopped / "out/quickstart/version_0/checkpoints/last.ckpt"
+    assert done.returncode == status, done.stderr[-2000:]
+    assert f"stopped by {signum.name} at step 3; resume with --ckpt_path {ckpt}" in done.stdout
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 3
+    assert (stopped / "out/quickstart/version_0/adapters.safetensors").is_file()
+    monkeypatch.chdir(stopped)
+    main([*args(), "--ckpt_path", str(ckpt)])
+    straight = adapter_state(tmp_path / "a/out/quickstart/version_0/checkpoints/last.ckpt")
+    resumed = adapter_state(ckpt)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
 def test_gradient_accumulation_equals_one_large_batch(tiny_model_dir, tmp_path, monkeypatch):
     """Batch 2 × 2 accumulated micro-batches vs batch 4: the loss is normalised by the tokens of the
     whole optimizer step, so the two train the same adapters."""

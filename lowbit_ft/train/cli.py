@@ -19,6 +19,7 @@ from lowbit_ft.records import BUILTIN_DEMO
 from lowbit_ft.train.checkpoint import checkpoint_hparams, read_checkpoint
 from lowbit_ft.train.data import InstructionDataModule
 from lowbit_ft.train.module import LowBitModule, NonFiniteLossError
+from lowbit_ft.train.preemption import StopOnSignal
 from lowbit_ft.train.run_dir import last_checkpoint, place_outputs, release, run_directory
 
 #: settings a resumed run may change (besides trainer.*: max_steps, logging, callbacks, devices, …): they do not
@@ -116,6 +117,7 @@ class LowBitCLI(LightningCLI):
             callbacks = [*callbacks, StepProgressBar()]
         if not any(isinstance(c, ParameterLine) for c in extra):
             callbacks = [*callbacks, ParameterLine()]
+        callbacks = [*callbacks, StopOnSignal()]  # SIGTERM / Ctrl-C: checkpoint, adapters, exit 143 / 130
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_classes(self) -> None:
