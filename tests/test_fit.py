@@ -96,7 +96,7 @@ def test_a_signal_stops_with_a_checkpoint_of_that_step_and_a_failing_status(tiny
     """SIGTERM (a scheduler's preemption) or Ctrl-C while step 2 runs: the step finishes, its checkpoint and
     adapters are written, one line says how to resume, the exit status is 128 + the signal (a scheduler must not
     see success); --ckpt_path then trains to the adapters of an uninterrupted run, bit for bit."""
-    def args(*extra):  # a checkpoint every step, as the SIGKILL test: the schedule must be the same in both runs
+    def args(*extra):  # a checkpoint every step: ModelCheckpoint writes last.ckpt only on its schedule
         out = fit_args(tiny_model_dir, "--model.dropout", "0.1", *extra, steps=7)
         out[out.index("--trainer.callbacks.every_n_train_steps") + 1] = "1"
         return out
