@@ -11,7 +11,7 @@ The default follows the format: chat for messages / sharegpt, none for prompt_co
 from __future__ import annotations
 
 from lowbit_ft.chat import conversation_example
-from lowbit_ft.records import tokenize
+from lowbit_ft.records import tokenize, user_text
 
 TEMPLATES = ("alpaca", "chat", "none")
 DEFAULT_TEMPLATE = {"alpaca": "alpaca", "prompt_completion": "none", "messages": "chat", "sharegpt": "chat"}
@@ -32,8 +32,7 @@ def as_messages(record: dict) -> list[dict]:
         return record["messages"]
     if "prompt" in record:
         return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-    content = f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
-    return [{"role": "user", "content": content}, {"role": "assistant", "content": record["output"]}]
+    return [{"role": "user", "content": user_text(record)}, {"role": "assistant", "content": record["output"]}]
 
 
 def as_instruction(record: dict, template: str, where: str) -> dict:

@@ -115,18 +115,22 @@ def read_records(path: str, key: str = "data.path") -> list[dict]:
     return records
 
 
+def user_text(record: dict) -> str:
+    """An {instruction, input} record as one user message: the instruction, and the input after a blank line."""
+    return f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
+
+
 def format_prompt(record: dict, template: str, tokenizer) -> str:
     """The prompt of an {instruction, input} record: the Alpaca prompt, the tokenizer's chat template with the
     generation prompt (one user turn), or 'none': the instruction (and input) as written."""
-    instruction, extra = record["instruction"], record.get("input") or ""
     if template == "alpaca":
-        return (ALPACA_WITH_INPUT if extra else ALPACA_NO_INPUT).format(instruction=instruction, input=extra)
+        extra = record.get("input") or ""
+        return (ALPACA_WITH_INPUT if extra else ALPACA_NO_INPUT).format(instruction=record["instruction"], input=extra)
     if template == "none":
-        return f"{instruction}\n\n{extra}" if extra else instruction
+        return user_text(record)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("data.template='chat': the tokenizer has no chat template; use data.template='alpaca'")
-    content = f"{instruction}\n\n{extra}" if extra else instruction
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_text(record)}], tokenize=False,
                                          add_generation_prompt=True)
 
 

@@ -15,21 +15,21 @@ from lowbit_ft.records import format_prompt
 def generate_answers(model: nn.Module, tokenizer, prompts: list[str | dict], max_new_tokens: int = 64,
                      template: Literal["alpaca", "chat", "none"] = "alpaca") -> list[str]:
     """The model's greedy answer to each prompt (an instruction, or a record {instruction, input}), formatted
-    with `template` as in training ('none': the instruction as given). One prompt at a time, so no padding
-    changes what a prompt's answer is."""
+    with `template` as in training ('none': the instruction, and its input, as written). One prompt at a time,
+    so no padding changes what a prompt's answer is."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be ≥ 1")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     # a chat-trained model ends its turn with the template's end-of-turn token (ChatML's <|im_end|>)
-    stop = [tokenizer.eos_token_id] + ([end] if template == "chat" and (end := end_of_turn_id(tokenizer)) is not None
-                                       and end != tokenizer.eos_token_id else [])
+    end = end_of_turn_id(tokenizer) if template == "chat" else None
+    stop = [tokenizer.eos_token_id] + ([end] if end not in (None, tokenizer.eos_token_id) else [])
     answers = []
     try:
         for prompt in prompts:
             record = prompt if isinstance(prompt, dict) else {"instruction": prompt}
-            text = record["instruction"] if template == "none" else format_prompt(record, template, tokenizer)
+            text = format_prompt(record, template, tokenizer)
             ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
