@@ -20,6 +20,7 @@ from lowbit_ft.formats.mlx import load_mlx
 from lowbit_ft.quant.modules import quant_layers
 
 from .conftest import make_adapted_llama, make_tiny_llama, randomize_adapters
+from .families import LLAMA3_SPLIT, QWEN2_SPLIT
 
 LOW_BIT = sorted(n for n, c in REGISTRY.items() if c.merges_into_low_bit)
 
@@ -280,8 +281,6 @@ def test_gguf_loads_back_in_transformers_with_the_same_logits(tmp_path, tokens, 
     assert (got.argmax(-1) == adapter_on.argmax(-1)).float().mean() > 0.95
 
 
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 @pytest.mark.parametrize(("pre", "name"), [
@@ -290,9 +289,12 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                                             {"type": "ByteLevel", "use_regex": True}]}, "smollm"),
     ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}},
                                             {"type": "ByteLevel", "use_regex": False}]}, "llama-bpe"),
-    # Qwen2's split starts like LLaMA 3's but takes digits one at a time: not LLaMA 3's, so not named so
-    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT.replace(
-        "{1,3}", "")}}, {"type": "ByteLevel", "use_regex": False}]}, "default"),
+    # Qwen2's split starts like LLaMA 3's but takes digits one at a time
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}},
+                                            {"type": "ByteLevel", "use_regex": False}]}, "qwen2"),
+    # a split llama.cpp has no name for
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": r"\p{L}+|\s+"}},
+                                            {"type": "ByteLevel", "use_regex": False}]}, "default"),
 ])
 def test_gguf_names_the_byte_level_pre_tokenizer_llama_cpp_knows(pre, name):
     from lowbit_ft.formats.gguf import _bpe_pre_tokenizer
@@ -301,9 +303,11 @@ def test_gguf_names_the_byte_level_pre_tokenizer_llama_cpp_knows(pre, name):
 
 
 @pytest.mark.parametrize(("fmt", "change", "dtype", "message"), [
-    ("gguf", {"model_type": "qwen2"}, torch.float16, "model_type 'qwen2' is not written by this exporter"),
-    ("gguf", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}}, torch.float16,
-     "rope scaling 'llama3' is not written by this exporter"),
+    ("gguf", {"model_type": "gemma"}, torch.float16, "gguf: model_type 'gemma' is not supported"),
+    ("gguf", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5}}, torch.float16,
+     "rope scaling 'yarn' of a LLaMA 1/2/3.x model is not written by this exporter"),
+    ("gguf", {"model_type": "mistral", "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, torch.float16,
+     "rope scaling 'llama3' of a Mistral model is not written by this exporter"),
     ("mlx", {}, torch.bfloat16, "float16 scales do not fit torch.bfloat16 exactly; export with --dtype float16"),
 ])
 def test_check_refuses_before_anything_is_written(fmt, change, dtype, message, smol_tokenizer):

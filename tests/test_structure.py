@@ -20,7 +20,7 @@ STAGES = [
     ("foundation", ["lowbit_ft.kernels", "lowbit_ft.dtypes", "lowbit_ft.checks", "lowbit_ft.fsutil",
                     "lowbit_ft.quiet", "lowbit_ft.progress", "lowbit_ft.records", "lowbit_ft.hostmem",
                     "lowbit_ft.checkout", "lowbit_ft.chat", "lowbit_ft.sources", "lowbit_ft.examples",
-                    "lowbit_ft.config_files"]),
+                    "lowbit_ft.config_files", "lowbit_ft.families"]),
     ("quantization", ["lowbit_ft.quant"]),
     ("adapters", ["lowbit_ft.adapters"]),
     ("formats", ["lowbit_ft.formats"]),

@@ -17,22 +17,33 @@ from lowbit_ft.config_files import MAX_CONFIG_CHARS, config_problem
 EVIL = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
 
 
-@pytest.fixture
-def remote_code_dir(tiny_model_dir, tmp_path):
-    """The tiny LLaMA directory with `auto_map` entries in config.json and tokenizer_config.json pointing at a
-    Python file that writes a marker when it is imported."""
+@pytest.fixture(params=["model", "tokenizer"])
+def remote_code_dir(request, tiny_model_dir, tmp_path):
+    """The tiny LLaMA directory with `auto_map` entries pointing at a Python file that writes a marker when it
+    is imported: in config.json with a model_type only that file defines (and in tokenizer_config.json), or
+    in tokenizer_config.json alone, with a tokenizer class only that file defines. Returns the directory, the
+    marker and the one line expected."""
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     marker = tmp_path / "remote-code-ran"
     (model / "evil.py").write_text(EVIL.format(marker=str(marker)))
-    for name, entries in (("config.json", {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"}),
-                          ("tokenizer_config.json", {"AutoTokenizer": ["evil.EvilTokenizer", None]})):
+    maps = [("tokenizer_config.json", {"AutoTokenizer": ["evil.EvilTokenizer", None]})]
+    if request.param == "model":
+        maps.append(("config.json", {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"}))
+    for name, entries in maps:
         data = json.loads((model / name).read_text())
         data["auto_map"] = entries
-        if name == "config.json":  # a model_type transformers does not know: only the directory's code has it
+        if name == "config.json":
             data["model_type"] = "evil_llama"
+        else:  # a tokenizer class only that file defines
+            data["tokenizer_class"] = "EvilTokenizer"
         (model / name).write_text(json.dumps(data))
-    return model, marker
+    expected = (f"{model / 'config.json'}: model_type 'evil_llama' is not supported (model_type llama, mistral, "
+                "qwen2 are): it exists only as Python code inside its directory (auto_map), which lowbit-ft never "
+                "runs") if request.param == "model" else (
+        f"{model}: this model or tokenizer exists only as Python code inside its directory (auto_map); lowbit-ft "
+        "never runs a model directory's code: use a model whose architecture transformers ships")
+    return model, marker, expected
 
 
 @pytest.mark.parametrize("command", [
@@ -40,7 +51,7 @@ def remote_code_dir(tiny_model_dir, tmp_path):
     ["quantize", "--bits", "4", "--group_size", "32", "--checkpoint_format", "lowbit"],
 ], ids=["generate", "quantize"])
 def test_remote_code_never_runs_even_when_stdin_says_yes(remote_code_dir, tmp_path, command):
-    model, marker = remote_code_dir
+    model, marker, expected = remote_code_dir
     args = [sys.executable, "-m", "lowbit_ft", command[0], "--model", str(model), *command[1:]]
     if command[0] == "quantize":
         args += ["--output", str(tmp_path / "q")]
@@ -49,10 +60,7 @@ def test_remote_code_never_runs_even_when_stdin_says_yes(remote_code_dir, tmp_pa
                          cwd=tmp_path)
     assert not marker.exists(), run.stderr[-2000:]
     last = run.stderr.strip().splitlines()[-1]
-    assert run.returncode == 2 and last == (
-        f"lowbit-ft: error: {model}: this model or tokenizer exists only as Python code inside its directory "
-        "(auto_map); lowbit-ft never runs a model directory's code: use a model whose architecture transformers "
-        "ships"), run.stderr[-2000:]
+    assert run.returncode == 2 and last == f"lowbit-ft: error: {expected}", run.stderr[-2000:]
 
 
 def test_every_transformers_load_in_the_package_refuses_remote_code():

@@ -8,10 +8,12 @@ the codes and scales exactly, m to its fp16 rounding (|Δw| ≤ half an fp16 ulp
 their scales (not exact), and no GGUF type holds an asymmetric 8-bit code or a block taller than one
 row, so those are refused with the formats that do hold them.
 
-The file carries what llama.cpp needs to run it on its own: the llama architecture keys, rope and norm
-settings, the tokenizer the model was trained with (a byte-level BPE, or a SentencePiece tokenizer as
-transformers holds it: a BPE with byte fallback) with its special tokens and chat template, and lm_head
-when untied.
+The file carries what llama.cpp needs to run it on its own, as llama.cpp's own converter writes it: the
+architecture (`llama` for LLaMA and Mistral, `qwen2` with its q/k/v biases) and its keys, rope and norm
+settings (LLaMA 3.1's `llama3` rope scaling as the per-frequency divisors of a `rope_freqs` tensor), the
+tokenizer the model was trained with (a byte-level BPE with its pre-tokenizer's llama.cpp name, or a
+SentencePiece tokenizer as transformers holds it: a BPE with byte fallback) with its special tokens and chat
+template, and lm_head only when untied.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit_ft.families import Family, family_of
 from lowbit_ft.formats.format import CheckpointFormat, exact_save
 from lowbit_ft.fsutil import atomic_directory
 from lowbit_ft.kernels import unpack_codes
@@ -47,15 +50,12 @@ _NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn
 
 def check_gguf(model: nn.Module, tokenizer) -> None:
     """Raise a one-line ValueError, naming the formats that do hold the model, unless it exports exactly:
-    every quantized layer 2/3/4-bit in (1, g) groups with g % 32 == 0 and float16 scales, a LLaMA-family
-    architecture with default or linear rope, and a tokenizer of a kind llama.cpp reads."""
+    every quantized layer 2/3/4-bit in (1, g) groups with g % 32 == 0 and float16 scales, a supported family
+    with a rope scaling GGUF expresses for it, and a tokenizer of a kind llama.cpp reads."""
     layers = quant_layers(model)
     if not layers:
         raise ValueError("gguf: the model has no quantized layers; export a dense model with --format hf")
-    if model.config.model_type not in ("llama", "mistral"):  # the architectures llama.cpp runs as "llama"
-        raise ValueError(f"gguf: model_type {model.config.model_type!r} is not written by this exporter (llama, "
-                         "mistral are); use --format lowbit")
-    _rope_scaling(model.config)
+    _rope_scaling(model.config, family_of(model.config, "gguf"))
     if tokenizer is None:
         raise ValueError("gguf: llama.cpp needs the tokenizer inside the file; pass the model's tokenizer")
     with _saved(tokenizer) as path:
@@ -121,18 +121,30 @@ def _rope_theta(cfg) -> float:
     return float(theta)
 
 
-def _rope_scaling(cfg) -> dict | None:
+def _rope_scaling(cfg, family: Family) -> tuple[str, dict]:
+    """The rope scaling's kind and parameters, refused with the formats that hold it unless GGUF expresses it
+    for this family."""
     scaling = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind in (None, "default"):
-        return None
-    if kind == "linear":
-        return {"factor": float(scaling["factor"])}
-    raise ValueError(f"gguf: rope scaling {kind!r} is not written by this exporter (default and linear are); "
-                     "use --format lowbit or mlx")
+    kind = scaling.get("rope_type", scaling.get("type")) or "default"
+    if kind not in family.gguf_rope_types:
+        raise ValueError(f"gguf: rope scaling {kind!r} of a {family.name} model is not written by this exporter "
+                         f"({', '.join(family.gguf_rope_types)} are); use --format lowbit or mlx")
+    return kind, scaling
 
 
-def _write_architecture(writer, cfg, name: str) -> None:
+def llama3_rope_factors(cfg) -> torch.Tensor:
+    """LLaMA 3.1's rope scaling as llama.cpp applies it: per rotary frequency, the divisor that turns the plain
+    frequency θ^(−2i/d) into transformers' scaled one (1 at high frequencies, `factor` at low ones, smoothed
+    between), taken from transformers' own llama3 function so the two agree by construction."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    plain = 1.0 / (_rope_theta(cfg) ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return (plain / scaled.float()).float()
+
+
+def _write_architecture(writer, cfg, name: str, rope: str, scaling: dict) -> None:
     import gguf
 
     heads = cfg.num_attention_heads
@@ -149,9 +161,9 @@ def _write_architecture(writer, cfg, name: str) -> None:
         writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(_rope_theta(cfg))
-    if (scaling := _rope_scaling(cfg)) is not None:
+    if rope == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(scaling["factor"])
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
@@ -170,6 +182,8 @@ def _bpe_pre_tokenizer(pre: dict | None) -> str:
     regex = (parts[0].get("pattern") or {}).get("Regex", "") if kinds == ["Split", "ByteLevel"] else ""
     if regex.startswith("(?i:'s|'t|'re|'ve|'m|'ll|'d)") and "\\p{N}{1,3}" in regex:
         return "llama-bpe"  # LLaMA 3's split: numbers in runs of up to three digits
+    if regex.startswith("(?i:'s|'t|'re|'ve|'m|'ll|'d)") and "\\p{L}+|\\p{N}|" in regex:
+        return "qwen2"  # LLaMA 3's split, but every digit alone
     log.warning("gguf: pre-tokenizer %s has no llama.cpp name known here; writing 'default'", kinds)
     return "default"
 
@@ -277,14 +291,19 @@ def save_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer, dtype: to
 
     check_gguf(model, tokenizer)
     cfg = model.config
+    family = family_of(cfg, "gguf")
+    rope, scaling = _rope_scaling(cfg, family)
     layers = quant_layers(model)
-    heads_of = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads or cfg.num_attention_heads}
+    heads_of = {"q_proj": cfg.num_attention_heads,
+                "k_proj": cfg.num_key_value_heads or cfg.num_attention_heads} if family.interleaved_rope else {}
     matrix_type = gguf.GGMLQuantizationType.F32 if dtype == torch.float32 else gguf.GGMLQuantizationType.F16
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     with atomic_directory(out_dir, overwrite) as tmp:
-        writer = gguf.GGUFWriter(tmp / GGUF_FILE, "llama")
-        _write_architecture(writer, cfg, getattr(cfg, "_name_or_path", "") or "lowbit-ft export")
+        writer = gguf.GGUFWriter(tmp / GGUF_FILE, family.gguf_arch)
+        _write_architecture(writer, cfg, getattr(cfg, "_name_or_path", "") or "lowbit-ft export", rope, scaling)
         write_tokenizer(writer, tokenizer, cfg.vocab_size)
+        if rope == "llama3":
+            writer.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg).numpy())
         for key, tensor in model.state_dict().items():
             owner, _, attr = key.rpartition(".")
             heads = heads_of.get(owner.rsplit(".", 1)[-1])

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from lowbit_ft.dtypes import parse_dtype
+from lowbit_ft.families import family_of
 from lowbit_ft.formats.gptq import GPTQ_KEYS, from_gptq, read_gptq_config
 from lowbit_ft.formats.lowbit import QUANT_METHOD, install_quant_layers
 from lowbit_ft.formats.registry import detect_format
@@ -60,16 +61,26 @@ def safetensors_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def check_layer_count(path: Path, config: dict, keys) -> None:
-    """config.json's num_hidden_layers against the decoder layers the weights hold (their names, from the
-    safetensors headers), before a skeleton is built from the config: a number in a file must not decide an
-    allocation the weights do not back (1,000,000 layers of module objects exhaust any host)."""
+def check_config(path: Path, config: dict, keys) -> None:
+    """config.json against what lowbit-ft supports and what the weights hold, before a skeleton is built from
+    it: a supported family (one line naming the model_type otherwise), and num_hidden_layers equal to the
+    decoder layers the safetensors headers name. A number in a file must not decide an allocation the weights
+    do not back (1,000,000 layers of module objects exhaust any host)."""
+    family_of(config, str(path / "config.json"))
     held = {block_index(key) for key in keys} - {None}
     stated = config.get("num_hidden_layers")
     count = max(held) + 1 if held else 0
     if isinstance(stated, bool) or not isinstance(stated, int) or stated != count:
         raise ValueError(f"{path / 'config.json'}: num_hidden_layers is {str(stated)[:20]} but the weights hold "
                          f"{count} decoder layers: the config does not belong to these weights")
+
+
+def check_source_family(source: str) -> None:
+    """A model directory's family from its config.json alone, before its tokenizer, data or weights load (a
+    .gguf file and the built-in SmolLM2 are LLaMA; transformers' GGUF reader knows no other family here)."""
+    config_file = Path(source) / "config.json"
+    if config_file.is_file():
+        family_of(json.loads(config_file.read_text()), str(config_file))
 
 
 def assign_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -120,7 +131,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", b
     # a layer's tensors may sit in different shards: index every key's file first
     opened = {file: TensorFile(file) for file in files}  # plain reads: no shard stays mapped in memory
     key_file = {key: file for file, tensors in opened.items() for key in tensors.keys()}
-    check_layer_count(path, raw_config, key_file)
+    check_config(path, raw_config, key_file)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we do the quantized loading; transformers must not
@@ -202,7 +213,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32):
         )
     with _hf_bars_off_in_logs():
         if fmt is None and "quantization_config" not in config:
-            check_layer_count(path, config, (k for f in safetensors_files(path) for k in TensorFile(f).keys()))
+            check_config(path, config, (k for f in safetensors_files(path) for k in TensorFile(f).keys()))
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
             model, tokenizer = model.eval(), None
         elif fmt is None or fmt.load is None:  # an unknown quant_method is refused there, by name

@@ -20,7 +20,7 @@ from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.formats.load import (
     BUILTIN_SMOLLM2,
     assign_tensor,
-    check_layer_count,
+    check_config,
     has_tokenizer,
     load_model,
     load_tokenizer,
@@ -38,8 +38,8 @@ class BlockReader(BlockVisitor):
     def __init__(self, path: Path, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
         self.path, self.dtype, self.device = path, dtype, device
         self._files = {file: TensorFile(file) for file in safetensors_files(path)}  # plain reads, no memory map
-        check_layer_count(path, json.loads((path / "config.json").read_text()),
-                          (key for tensors in self._files.values() for key in tensors.keys()))
+        check_config(path, json.loads((path / "config.json").read_text()),
+                     (key for tensors in self._files.values() for key in tensors.keys()))
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real, as at load
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)

@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 from lowbit_ft.adapters import REGISTRY, save_adapters
 from lowbit_ft.adapters.verify import MergeMismatchError
 from lowbit_ft.callbacks.progress import ParameterLine, StepProgressBar
-from lowbit_ft.formats.load import BUILTIN_SMOLLM2
+from lowbit_ft.formats.load import BUILTIN_SMOLLM2, check_source_family
 from lowbit_ft.quiet import quiet_lightning
 from lowbit_ft.records import BUILTIN_DEMO
 from lowbit_ft.train.checkpoint import checkpoint_hparams, read_checkpoint
@@ -95,6 +95,7 @@ class LowBitCLI(LightningCLI):
         if base != BUILTIN_SMOLLM2 and not Path(base).exists():
             raise FileNotFoundError(f"model.base={base!r}: no such file or directory; give 'smollm2', a HF / GPTQ / "
                                     "lowbit directory, or a .gguf file")
+        check_source_family(base)
         if config.get("ckpt_path") == "last":  # Lightning's "last" would look in the new run: take the newest
             found = last_checkpoint(config.trainer.default_root_dir)
             if found is None:
