@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 VOCAB = 1024  # embedding rows; every tokenizer here has fewer tokens (the rest are padding rows)
+LLAMA3_VOCAB = 128_256  # LLaMA 3's: the LLaMA 3.1-style model has its embedding and lm_head at full size
 # LLaMA 3's split (numbers in runs of up to three digits) and Qwen2's (each digit alone), as in their tokenizer.json
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -20,7 +21,7 @@ QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 ORIGINAL_CONTEXT = 32
 # q/k weights this many times initializer_range: attention that depends on position as a trained model's does
 # (at 0.02 a random model attends almost uniformly, and a wrong rope would barely show in its logits)
-QK_SHARPNESS = 10.0
+QK_SHARPNESS = 5.0
 FAMILIES = ("llama3.1", "llama3.2", "mistral", "qwen2.5")
 TEXTS = ["Digits 1234567 and 89, spaces   too; ünïcödé €5 — 日本語のテキスト, Ελληνικά, русский.",
          "The three primary colours are red, yellow and blue.\n\nWhy is the sky blue?"]
@@ -77,11 +78,13 @@ def sentencepiece_bpe(work: Path):
 
 
 def family_config(family: str):
-    """transformers' config of a tiny `family` model: GQA 4/2 heads of 16, 2 layers, vocabulary VOCAB."""
+    """transformers' config of a tiny `family` model: GQA 4/2 heads of 16, 2 layers, VOCAB embedding rows
+    (LLaMA 3.1: LLAMA3_VOCAB)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 256}
+             "num_key_value_heads": 2, "vocab_size": LLAMA3_VOCAB if family == "llama3.1" else VOCAB,
+             "max_position_embeddings": 256}
     if family in ("llama3.1", "llama3.2"):
         scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": ORIGINAL_CONTEXT, "rope_type": "llama3"}

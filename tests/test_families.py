@@ -134,12 +134,12 @@ def file_function(path: Path, hf_dir: Path) -> torch.nn.Module:
 
 @runtimes
 def test_gguf_runs_in_llama_cpp(family):
-    """The file computes the adapter-on model up to Q4_1's float16 m (its exact function, read by transformers:
-    within 5e-3 relative; m = −s·z′ rounds by ≤ 2⁻¹² of |s·z′|). llama.cpp tokenizes the fixed texts as the
-    training tokenizer does (BOS included), and its logits agree with the adapter-on model's within 2× its own
-    error on this very file (its CPU path quantizes activations to 8 bit), with the same top-1 wherever the
-    adapter-on margin exceeds that error at the position."""
-    path = exported(family, "gguf") / GGUF_FILE
+    """With float32 embeddings and lm_head, the file computes the adapter-on model up to Q4_1's float16 m (its
+    exact function, read by transformers: within 5e-3 relative; m = −s·z′ rounds by ≤ 2⁻¹² of |s·z′|).
+    llama.cpp tokenizes the fixed texts as the training tokenizer does (BOS included), and its logits agree
+    with the adapter-on model's within 2× its own error on this very file (its CPU path quantizes activations
+    to 8 bit), with the same top-1 wherever the adapter-on margin exceeds that error at the position."""
+    path = exported(family, "gguf", "--dtype", "float32") / GGUF_FILE
     llm = LlamaCpp(path, n_ctx=256)
     try:
         for text in TEXTS:
