@@ -73,6 +73,30 @@ def test_fingerprint_names_the_codes_scales_and_zeros_not_their_storage():
     assert fingerprint(flipped) != fp
 
 
+def test_tensor_digests_name_every_tensor_the_fingerprint_leaves_out():
+    """Embeddings, norms, lm_head and the quantized layers' biases, by their names without adapters; attaching
+    adapters or storing in float16 and reading back in float32 leaves them alone; one changed value changes
+    exactly that tensor's digest."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lowbit_ft.formats.cache import tensor_digests
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    quantize_model(model.half().float(), BlockLayout.group(4, 32), progress=False)
+    digests = tensor_digests(model)
+    assert set(digests) == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                            "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+                            *(f"model.layers.0.self_attn.{p}_proj.bias" for p in "qkv")}
+    assert tensor_digests(attach(copy.deepcopy(model), "qa_lora", r=4)) == digests
+    assert tensor_digests(copy.deepcopy(model).half().float()) == digests
+    changed = copy.deepcopy(model)
+    changed.model.layers[0].self_attn.k_proj.bias.data[3] += 1
+    after = tensor_digests(changed)
+    assert {k for k in digests if after[k] != digests[k]} == {"model.layers.0.self_attn.k_proj.bias"}
+
+
 # --- the cache -------------------------------------------------------------------------------------
 def test_a_built_base_is_cached_and_reused_bitwise(tiny_model_dir, monkeypatch):
     spec = QuantSpec(bits=3, group_size=32, method="gptq", calibration_data="builtin:demo",

@@ -172,3 +172,100 @@ def test_a_million_layer_config_over_two_layers_of_weights_is_refused_at_once(ti
     assert len(lines) == 2 and float(lines[0]) < 5, run.stdout + run.stderr[-2000:]
     assert lines[1] == (f"{model / 'config.json'}: num_hidden_layers is 1000000 but the weights hold 2 decoder "
                         "layers: the config does not belong to these weights")
+
+
+# --- the base's float tensors are part of what identifies it -------------------------------------------------
+@pytest.fixture(scope="module")
+def fitted(tiny_model_dir, tmp_path_factory):
+    """A 4-step fit: its checkpoint records the base, and the base sits in the cache."""
+    from .test_fit import fit_args
+
+    root = tmp_path_factory.mktemp("fit")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        main(fit_args(tiny_model_dir, "--trainer.plugins.init_args.group_size", "32", steps=4))
+    finally:
+        os.chdir(cwd)
+    return root / "out/quickstart/version_0/checkpoints/last.ckpt"
+
+
+def cloned_base(ckpt: Path, tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """The checkpoint and its cache entry copied under a new cache key (other tests keep the original):
+    (the copied checkpoint, the copied entry)."""
+    import hashlib
+
+    import torch
+
+    from lowbit_ft.formats.cache import cache_root
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    key = hashlib.sha256(f"{tmp_path}{name}".encode()).hexdigest()[:24]
+    entry = cache_root() / key
+    shutil.copytree(cache_root() / state["lowbit_base"]["cache_key"], entry)
+    state["lowbit_base"]["cache_key"] = key
+    torch.save(state, tmp_path / f"{name}.ckpt")
+    return tmp_path / f"{name}.ckpt", entry
+
+
+def corrupt_floats(entry: Path) -> None:
+    """What the probe did to a cache entry: embed_tokens × 3 and 100 rows of lm_head zeroed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(entry / "model.safetensors", "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["model.embed_tokens.weight"] *= 3
+    tensors["lm_head.weight"][:100] = 0
+    save_file(tensors, entry / "model.safetensors", metadata=metadata)
+
+
+def test_a_cache_entry_with_changed_embeddings_is_refused_naming_them(fitted, tmp_path, capsys):
+    ckpt, entry = cloned_base(fitted, tmp_path, "embeddings")
+    corrupt_floats(entry)
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "o")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"lowbit-ft: error: base cache entry {entry}: the base's lm_head.weight, "
+                    "model.embed_tokens.weight differ from what it recorded: delete that directory")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_cache_entry_rewritten_with_its_record_is_refused_by_the_checkpoint(fitted, tmp_path, capsys):
+    """The entry's own record rewritten to match the changed tensors: the checkpoint's record still names them."""
+    from lowbit_ft.dtypes import DTYPES
+    from lowbit_ft.formats.cache import RECORD_FILE, load_quantized, tensor_digests
+
+    ckpt, entry = cloned_base(fitted, tmp_path, "record")
+    corrupt_floats(entry)
+    record = json.loads((entry / RECORD_FILE).read_text())
+    record["tensors"] = tensor_digests(load_quantized(entry, dtype=DTYPES[record["dtype"]]))
+    (entry / RECORD_FILE).write_text(json.dumps(record))
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "o")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == ("lowbit-ft: error: the checkpoint: the base's lm_head.weight, model.embed_tokens.weight differ "
+                    "from what it recorded: point model.base (export: --base) at the base it was trained on")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_from_before_float_digests_exports_and_says_so_once(fitted, tmp_path, capsys, caplog):
+    """Checkpoints and cache entries written before the float tensors were recorded still export, checked on the
+    quantized layers' fingerprint, and say so once each."""
+    import torch
+
+    from lowbit_ft.formats.cache import RECORD_FILE
+
+    ckpt, entry = cloned_base(fitted, tmp_path, "old")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    del state["lowbit_base"]["tensors"]
+    torch.save(state, ckpt)
+    record = json.loads((entry / RECORD_FILE).read_text())
+    del record["tensors"]
+    (entry / RECORD_FILE).write_text(json.dumps(record))
+    for out in ("o1", "o2"):
+        main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / out)])
+    assert "merge check" in capsys.readouterr().out
+    said = [r.getMessage() for r in caplog.records if "checked on the quantized layers' fingerprint only" in r.message]
+    assert len(said) == 2 and {s.split(" was written")[0] for s in said} == {"the checkpoint",
+                                                                              f"base cache entry {entry}"}

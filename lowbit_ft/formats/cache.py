@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -68,6 +68,55 @@ def fingerprint(model: nn.Module) -> str:
         for tensor in (layer.scales.float(), layer.zeros.double()):
             digest.update(tensor.detach().cpu().contiguous().numpy())
     return "sha256:" + digest.hexdigest()
+
+
+def _float_tensors(model: nn.Module):
+    """(name, tensor) of every tensor of the base the fingerprint does not cover: embeddings, norms, lm_head and
+    the quantized layers' biases, by the names they have without adapters; adapter weights are not the base."""
+    adapted = {name for name, module in model.named_modules() if isinstance(module, AdaptedLinear)}
+    quantized = set(_canonical_layers(model))
+    for key, tensor in model.state_dict().items():
+        owner, _, attr = key.rpartition(".")
+        parent, _, child = owner.rpartition(".")
+        if parent in adapted and child == "adapter":
+            continue
+        if parent in adapted and child == "layer":
+            owner = parent
+        if owner in quantized and attr in ("qweight", "scales", "zeros"):
+            continue
+        yield f"{owner}.{attr}", tensor
+
+
+@torch.no_grad()
+def tensor_digests(model: nn.Module) -> dict[str, str]:
+    """What the fingerprint leaves out, per tensor: name → sha256 (16 hex) of its shape and its values as float32
+    (lossless for every float dtype a base is held in), so a changed tensor can be named."""
+    digests = {}
+    for name, tensor in _float_tensors(model):
+        digest = hashlib.sha256(f"{tuple(tensor.shape)}\n".encode())
+        for rows in tensor.detach().reshape(tensor.shape[0] if tensor.ndim else 1, -1).split(FINGERPRINT_ROWS):
+            digest.update(rows.cpu().float().contiguous().numpy())
+        digests[name] = digest.hexdigest()[:16]
+    return digests
+
+
+_UNRECORDED_SAID: set[str] = set()
+
+
+def check_digests(recorded: dict | None, found: dict[str, str], what: str, fix: str) -> None:
+    """The base's tensors outside its quantized layers against what `what` recorded: a one-line ValueError naming
+    the tensors that differ. A record from before these were kept (None) is checked on the fingerprint alone,
+    which is said once per `what`."""
+    if recorded is None:
+        if what not in _UNRECORDED_SAID:
+            _UNRECORDED_SAID.add(what)
+            log.warning("%s was written before bases recorded their embeddings, norms and lm_head: its base is checked "
+                        "on the quantized layers' fingerprint only", what)
+        return
+    changed = sorted(name for name in recorded.keys() | found.keys() if recorded.get(name) != found.get(name))
+    if changed:
+        more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
+        raise ValueError(f"{what}: the base's {', '.join(changed[:3])}{more} differ from what it recorded: {fix}")
 
 
 def short(fp: str) -> str:
@@ -135,16 +184,21 @@ class QuantizedBase:
     tokenizer: object
     source: str
     spec: QuantSpec | None
-    fingerprint: str
     dtype: torch.dtype
     cache_key: str | None = None
+    fingerprint: str = ""  # the quantized layers (computed when not given)
+    tensors: dict[str, str] = field(default_factory=dict)  # every other tensor (computed when not given)
+
+    def __post_init__(self) -> None:
+        self.fingerprint = self.fingerprint or fingerprint(self.model)
+        self.tensors = self.tensors or tensor_digests(self.model)
 
     def record(self) -> dict:
         """What a checkpoint stores about its base (JSON-able; read back by `read_record`)."""
         layout = next(iter(quant_layers(self.model).values())).layout
         return {"source": self.source, "spec": self.spec.to_dict() if self.spec else None,
-                "fingerprint": self.fingerprint, "dtype": dtype_name(self.dtype), "cache_key": self.cache_key,
-                "layout": str(layout)}
+                "fingerprint": self.fingerprint, "tensors": self.tensors, "dtype": dtype_name(self.dtype),
+                "cache_key": self.cache_key, "layout": str(layout)}
 
 
 def read_record(record: dict, where: str) -> tuple[QuantSpec | None, torch.dtype]:
@@ -196,7 +250,7 @@ def quantized_base(source: str, spec: QuantSpec | None, dtype: torch.dtype = tor
         model.to(device)
         if spec is not None:
             check_agrees(spec, model, source)
-        return QuantizedBase(model, tokenizer, source, None, fingerprint(model), dtype)
+        return QuantizedBase(model, tokenizer, source, None, dtype)
     if spec is None:
         raise ValueError(f"model.base={source!r} is a float model: add a lowbit_ft.LowBitPrecision plugin "
                          "(bits, group_size) to quantize it, or give a GPTQ / lowbit directory")
@@ -215,7 +269,7 @@ def quantized_base(source: str, spec: QuantSpec | None, dtype: torch.dtype = tor
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
         model.to(device)  # what is outside the decoder blocks (a reader moved each block as it was packed)
-        base = QuantizedBase(model.eval(), tokenizer, source, spec, fingerprint(model), dtype, key if cache else None)
+        base = QuantizedBase(model.eval(), tokenizer, source, spec, dtype, key if cache else None)
         if cache:
             save_lowbit(model, root / key, tokenizer, dtype=dtype, extra_files={RECORD_FILE: json.dumps(base.record())})
             print(f"cached base           {root / key}", flush=True)
@@ -225,12 +279,13 @@ def quantized_base(source: str, spec: QuantSpec | None, dtype: torch.dtype = tor
 def _from_cache(path: Path, source: str, spec: QuantSpec, dtype: torch.dtype, device: torch.device | str = "cpu"
                 ) -> QuantizedBase:
     model, tokenizer, record = _load_cached(path, source, dtype, device=device)
-    found = fingerprint(model)
-    if found != record.get("fingerprint"):
-        raise ValueError(f"base cache entry {path} is damaged (fingerprint {short(found)}, recorded "
+    base = QuantizedBase(model, tokenizer, source, spec, dtype, path.name)
+    if base.fingerprint != record.get("fingerprint"):
+        raise ValueError(f"base cache entry {path} is damaged (fingerprint {short(base.fingerprint)}, recorded "
                          f"{short(str(record.get('fingerprint')))}): delete that directory")
+    check_digests(record.get("tensors"), base.tensors, f"base cache entry {path}", "delete that directory")
     log.info("quantized base from the cache: %s", path)
-    return QuantizedBase(model, tokenizer, source, spec, found, dtype, path.name)
+    return base
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from transformers import AutoConfig
 from lowbit_ft import adapters
 from lowbit_ft.adapters.quant_error import init_from_quant_error
 from lowbit_ft.checks import check_number
-from lowbit_ft.formats.cache import QuantizedBase, fingerprint, quantized_base, quantized_source, short
+from lowbit_ft.formats.cache import QuantizedBase, check_digests, quantized_base, quantized_source, short
 from lowbit_ft.formats.stream import open_float
 from lowbit_ft.quant.modules import DEFAULT_TARGETS, quant_layers
 from lowbit_ft.quant.spec import QuantSpec, calibration_batches
@@ -258,7 +258,7 @@ class LowBitModule(L.LightningModule):
                                  "quantize the base, or set model.base to a GPTQ checkpoint")
             model = spec.quantize(model, progress=False).to(dtype)
         if self.base is None or self.base.model is not model:
-            self.base = QuantizedBase(model, None, str(self.hparams.base), spec, fingerprint(model), dtype)
+            self.base = QuantizedBase(model, None, str(self.hparams.base), spec, dtype)
         # quantized before adapters attach: they wrap QuantLinear, and must exist before DDP wraps the
         # model and the optimizer is built (Lightning calls convert_module later: a no-op)
         if self.hparams.gradient_checkpointing:
@@ -292,7 +292,7 @@ class LowBitModule(L.LightningModule):
                 copy = type(self)(**{k: v for k, v in self.hparams.items() if not k.startswith("_")})
                 copy.build_model(self.base.spec, self.base.dtype, cache=self.base.cache_key is not None,
                                  cache_key=self.base.cache_key)
-                if copy.base.fingerprint != self.base.fingerprint:
+                if (copy.base.fingerprint, copy.base.tensors) != (self.base.fingerprint, self.base.tensors):
                     raise ValueError(f"the base read again for the merge check and export (fingerprint "
                                      f"{short(copy.base.fingerprint)}) is not the one trained on "
                                      f"({short(self.base.fingerprint)}): was the base cache changed during the run?")
@@ -438,12 +438,16 @@ class LowBitModule(L.LightningModule):
             )
         self._check_adapter_record(checkpoint)
         recorded = checkpoint.get("lowbit_base")
-        if recorded and self.base is not None and recorded["fingerprint"] != self.base.fingerprint:
+        if not recorded or self.base is None:
+            return
+        if recorded["fingerprint"] != self.base.fingerprint:
             raise ValueError(
                 f"the base {self.base.source!r} (fingerprint {short(self.base.fingerprint)}) is not the one this "
                 f"checkpoint was trained on ({recorded['source']!r}, {recorded['layout']}, fingerprint "
                 f"{short(recorded['fingerprint'])}): point model.base (export: --base) at that base"
             )
+        check_digests(recorded.get("tensors"), self.base.tensors, "the checkpoint",
+                      "point model.base (export: --base) at the base it was trained on")
 
 
 def build_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
