@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import signal
 import sys
 from argparse import ArgumentError
 
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     try:
         if argv[0] in PROJECT_COMMANDS:
+            if from_shell:
+                signal.signal(signal.SIGTERM, _unwind_on_sigterm)
             from jsonargparse import CLI
 
             from lowbit_ft.commands import COMMANDS, USER_ERRORS
@@ -72,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     except ArgumentError as err:
         print(f"lowbit-ft: error: {innermost_error(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Terminated as stop:
+        print(f"lowbit-ft: stopped by SIGTERM during {argv[0]}; its partial output was removed", file=sys.stderr)
+        raise SystemExit(stop.code) from None
     except Exception as err:
         if not isinstance(err, user_errors):
             raise
@@ -80,6 +86,15 @@ def main(argv: list[str] | None = None) -> None:
             if type(err).__name__ == "MisconfigurationException" and "backend" in str(err) else ""
         print(f"lowbit-ft: error: {remote_code_refused(innermost_error(str(err)))}{hint}", file=sys.stderr)
         raise SystemExit(1 if type(err).__name__ == "NonFiniteLossError" else 2) from None
+
+
+class Terminated(SystemExit):
+    """Raised by SIGTERM in quantize / export / eval / generate: Python unwinds instead of dying at once (its
+    default), so every writer's `finally` removes its partial output before the process ends."""
+
+
+def _unwind_on_sigterm(signum, frame) -> None:
+    raise Terminated(128 + signum)
 
 
 _REMOTE_CODE = re.compile(r"The repository (?P<path>.+?) contains custom code .*trust_remote_code")

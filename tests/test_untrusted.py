@@ -269,3 +269,44 @@ def test_a_checkpoint_from_before_float_digests_exports_and_says_so_once(fitted,
     said = [r.getMessage() for r in caplog.records if "checked on the quantized layers' fingerprint only" in r.message]
     assert len(said) == 2 and {s.split(" was written")[0] for s in said} == {"the checkpoint",
                                                                               f"base cache entry {entry}"}
+
+
+# --- SIGTERM while writing ------------------------------------------------------------------------------
+PAUSED_WRITE = """
+import sys, time
+import lowbit_ft.fsutil as fsutil
+def paused(root):  # every file of the output is in its temporary directory: wait there to be stopped
+    print("WRITTEN", flush=True)
+    time.sleep(120)
+fsutil.default_permissions = paused
+from lowbit_ft.cli import main
+sys.argv = ["lowbit-ft", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("command", ["quantize", "export"])
+def test_sigterm_while_writing_removes_the_partial_output(command, tiny_model_dir, fitted, tmp_path):
+    """A scheduler's SIGTERM while quantize or export writes: exit status 143, one line, and neither the output
+    nor its hidden temporary directory is left (Python's default would die at once and leave a full-size
+    `.NAME.PID.*.partial` behind)."""
+    import signal
+
+    args = ["quantize", "--model", str(tiny_model_dir), "--bits", "4", "--group_size", "32"] \
+        if command == "quantize" else ["export", "--checkpoint", str(fitted)]
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_WRITE, *args, "--output", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        for line in proc.stdout:
+            if line.strip() == "WRITTEN":
+                break
+        partial = list(tmp_path.glob(".out.*.partial"))
+        assert len(partial) == 1 and any(partial[0].iterdir())
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == (f"lowbit-ft: stopped by SIGTERM during {command}; its partial output "
+                                            "was removed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
