@@ -132,6 +132,80 @@ def test_a_damaged_cache_entry_is_refused(tiny_model_dir):
         shutil.rmtree(entry)
 
 
+@pytest.fixture
+def own_source(tiny_model_dir, tmp_path):
+    """The tiny model copied: a source no other test has a cache entry for."""
+    return str(shutil.copytree(tiny_model_dir, tmp_path / "source"))
+
+
+def unwritable_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "cannot be written" in r.getMessage()]
+
+
+def test_a_read_only_cache_is_no_cache_with_one_warning(own_source, monkeypatch, caplog):
+    import contextlib
+    import errno
+
+    import lowbit_ft.formats.cache as cache
+
+    @contextlib.contextmanager
+    def read_only(root, key):
+        raise OSError(errno.EROFS, "Read-only file system")
+        yield
+
+    monkeypatch.setattr(cache, "_cache_lock", read_only)
+    monkeypatch.setattr(cache, "_UNWRITABLE_SAID", set())
+    spec = QuantSpec(bits=4, group_size=32)
+    bases = [quantized_base(own_source, spec, progress=False) for _ in range(2)]
+    assert [b.cache_key for b in bases] == [None, None] and bases[0].fingerprint == bases[1].fingerprint
+    assert not (cache_root() / cache.cache_key(own_source, spec, torch.float32)).exists()
+    (said,) = unwritable_warnings(caplog)
+    assert said.startswith(f"cache {cache_root()} cannot be written (Read-only file system): going on without")
+
+
+def test_a_full_disk_while_caching_leaves_no_entry_and_the_run_goes_on(own_source, monkeypatch, caplog):
+    """The base cache's write fails half way (ENOSPC): no entry, no partial one, one warning, the base in hand;
+    the next run with room caches it."""
+    import errno
+
+    import lowbit_ft.formats.cache as cache
+    import lowbit_ft.fsutil
+
+    real_save = lowbit_ft.fsutil.save_file
+
+    def half_then_full(tensors, path, metadata=None):
+        real_save(tensors, path, metadata=metadata)
+        Path(path).write_bytes(Path(path).read_bytes()[: Path(path).stat().st_size // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lowbit_ft.fsutil, "save_file", half_then_full)
+    monkeypatch.setattr(cache, "_UNWRITABLE_SAID", set())
+    spec = QuantSpec(bits=4, group_size=32)
+    key = cache.cache_key(own_source, spec, torch.float32)
+    base = quantized_base(own_source, spec, progress=False)
+    assert base.cache_key is None and len(quant_layers(base.model)) == 14
+    assert not [p for p in cache_root().iterdir() if p.name.startswith((key, f".{key}.")) and p.is_dir()]
+    (said,) = unwritable_warnings(caplog)
+    assert "(No space left on device)" in said
+    monkeypatch.undo()
+    again = quantized_base(own_source, spec, progress=False)
+    assert again.cache_key == key and again.fingerprint == base.fingerprint
+    assert (cache_root() / key / RECORD_FILE).is_file()
+
+
+def test_a_cache_entry_missing_its_record_is_built_again(own_source, caplog):
+    """An entry without lowbit_base.json (interrupted or altered) is replaced, not a block on every later run
+    (was: 'pass --overwrite', an option fit does not have)."""
+    spec = QuantSpec(bits=4, group_size=32)
+    first = quantized_base(own_source, spec, progress=False)
+    entry = cache_root() / first.cache_key
+    (entry / RECORD_FILE).unlink()
+    again = quantized_base(own_source, spec, progress=False)
+    assert again.cache_key == first.cache_key and again.fingerprint == first.fingerprint
+    assert json.loads((entry / RECORD_FILE).read_text())["fingerprint"] == first.fingerprint
+    assert any(f"base cache entry {entry} has no {RECORD_FILE}" in r.getMessage() for r in caplog.records)
+
+
 def test_a_quantized_base_whose_layout_disagrees_with_the_plugin_is_an_error(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "int3"
     main(["quantize", "--model", str(tiny_model_dir), "--bits", "3", "--group_size", "32", "--output", str(out)])

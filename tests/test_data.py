@@ -163,3 +163,27 @@ def test_a_resume_on_another_batch_times_ranks_continues_only_at_an_epoch_end():
     loader.load_state_dict({"epoch": 0, "consumed": 3, "per_batch": 2})  # the same layout: where it stopped
     assert [b.tolist() for b in loader] == [b.tolist() for b in list(ResumableLoader(
         data, batch_size=2, sampler=DistributedSampler(data, num_replicas=1, rank=0)))[3:]]
+
+
+def test_a_full_data_cache_tokenizes_in_memory_with_one_warning(tiny_model_dir, monkeypatch, caplog):
+    """The tokenized records cannot be saved (ENOSPC): the run goes on with them in memory, says so once, and
+    leaves no partial cache directory."""
+    import errno
+
+    import datasets
+
+    import lowbit_ft.formats.cache as cache
+    from lowbit_ft.formats.cache import cache_root
+
+    def full(self, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", full)
+    monkeypatch.setattr(cache, "_UNWRITABLE_SAID", set())
+    data = InstructionDataModule(tokenizer=str(tiny_model_dir), limit=12, seed=7, max_length=48)
+    cached = data._cache_dir("train", data._tokenizer())
+    tokens = data.tokenized("train")
+    assert len(tokens) > 0 and data.template_used == "alpaca"
+    assert not cached.exists() and not list(cached.parent.glob(f".{cached.name}.*"))
+    said = [r.getMessage() for r in caplog.records if "cannot be written (No space left on device)" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"cache {cache_root().parent / 'data'} ")

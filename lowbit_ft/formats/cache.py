@@ -258,10 +258,21 @@ def quantized_base(source: str, spec: QuantSpec | None, dtype: torch.dtype = tor
     if cache and cache_key_hint and (cache_entry(cache_key_hint, where) / RECORD_FILE).is_file():
         return _from_cache(root / cache_key_hint, source, spec, dtype, device)
     key = cache_key(source, spec, dtype)
-    with _cache_lock(root, key) if cache else contextlib.nullcontext():
+    entry = root / key
+    if cache and (entry / RECORD_FILE).is_file():  # entries appear whole (renamed into place): no lock to read
+        return _from_cache(entry, source, spec, dtype, device)
+    with contextlib.ExitStack() as locked:
+        if cache:
+            try:
+                locked.enter_context(_cache_lock(root, key))
+            except OSError as err:  # a read-only cache: the base is built all the same
+                cache = cache_unwritable(root, err)
         # under the lock: a run that started at the same time may have written the entry meanwhile
-        if cache and (root / key / RECORD_FILE).is_file():
-            return _from_cache(root / key, source, spec, dtype, device)
+        if cache and (entry / RECORD_FILE).is_file():
+            return _from_cache(entry, source, spec, dtype, device)
+        if cache and entry.exists():
+            log.warning("base cache entry %s has no %s (an interrupted or altered entry): building it again", entry,
+                        RECORD_FILE)
         model, tokenizer, reader = open_float(source, dtype, device)
         print(f"quantizing base       {source}: {spec.describe()}", flush=True)
         try:
@@ -271,9 +282,26 @@ def quantized_base(source: str, spec: QuantSpec | None, dtype: torch.dtype = tor
         model.to(device)  # what is outside the decoder blocks (a reader moved each block as it was packed)
         base = QuantizedBase(model.eval(), tokenizer, source, spec, dtype, key if cache else None)
         if cache:
-            save_lowbit(model, root / key, tokenizer, dtype=dtype, extra_files={RECORD_FILE: json.dumps(base.record())})
-            print(f"cached base           {root / key}", flush=True)
+            try:
+                save_lowbit(model, entry, tokenizer, dtype=dtype, overwrite=entry.exists(),
+                            extra_files={RECORD_FILE: json.dumps(base.record())})
+                print(f"cached base           {entry}", flush=True)
+            except OSError as err:  # a full disk: the partial entry is gone (atomic write); the run goes on
+                base.cache_key = cache_unwritable(root, err) or None
     return base
+
+
+_UNWRITABLE_SAID: set[str] = set()
+
+
+def cache_unwritable(root: Path, err: OSError) -> bool:
+    """Say once per cache directory that it cannot be written (read-only, full, no permission) and that the run
+    goes on without it; False, the value `cache` takes from then on."""
+    if str(root) not in _UNWRITABLE_SAID:
+        _UNWRITABLE_SAID.add(str(root))
+        log.warning("cache %s cannot be written (%s): going on without caching; set LOWBIT_FT_CACHE to a writable "
+                    "directory with room to keep results for the next run", root, err.strerror or err)
+    return False
 
 
 def _from_cache(path: Path, source: str, spec: QuantSpec, dtype: torch.dtype, device: torch.device | str = "cpu"

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lowbit_ft.chat import TRAIN_ON
 from lowbit_ft.checks import check_number
 from lowbit_ft.examples import TEMPLATES, example, template_for
-from lowbit_ft.formats.cache import cache_root, file_identity
+from lowbit_ft.formats.cache import cache_root, cache_unwritable, file_identity
 from lowbit_ft.formats.load import load_tokenizer
 from lowbit_ft.records import BUILTIN_DEMO, IGNORE_INDEX
 from lowbit_ft.sources import FORMATS, canonical_record, detect_format, load_source, map_columns, open_records
@@ -258,17 +258,22 @@ class InstructionDataModule(L.LightningDataModule):
             if isinstance(cause, ValueError):
                 raise ValueError(str(cause)) from None
             raise
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cached.name}."))
+        tmp = None
         try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cached.name}."))
             tokens.save_to_disk(str(tmp))
             (tmp / LAYOUT_FILE).write_text(json.dumps({"format": fmt, "template": template}))
             os.replace(tmp, cached)
-        except OSError:
-            if not cached.is_dir():  # not another rank that got there first
-                raise
+        except OSError as err:
+            if not cached.is_dir():  # not another rank that got there first: a read-only or full cache
+                cache_unwritable(cached.parent, err)
+                if split == h.split:
+                    self.template_used = template
+                return tokens
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         return self._load(cached, split)
 
     def _load(self, cached: Path, split: str):
