@@ -103,8 +103,13 @@ def test_perplexity_refuses_records_without_a_response_token(lm):
         perplexity(model, tokenizer, [{"instruction": "A long instruction " * 5, "output": "x"}], max_length=4)
 
 
-def test_bad_task_file_refused(tmp_path):
-    (tmp_path / "t.jsonl").write_text(json.dumps({"question": "q", "choices": ["a"], "answer": 0}))
+@pytest.mark.parametrize("item", [
+    {"question": "q", "choices": ["a"], "answer": 0},
+    {"question": "q", "choices": ["a", "b"], "answer": True},  # JSON true is no index (was: scored as 1)
+    {"question": "q", "choices": ["a", "b"], "answer": 2},
+])
+def test_bad_task_file_refused(item, tmp_path):
+    (tmp_path / "t.jsonl").write_text(json.dumps(item))
     with pytest.raises(ValueError, match=r"line 1 needs 'question' \(str\), 'choices' \(≥ 2 strings\)"):
         read_task(tmp_path / "t.jsonl")
 

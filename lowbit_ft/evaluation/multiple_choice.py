@@ -26,7 +26,7 @@ def read_task(path: str | Path) -> list[dict]:
         choices, answer = (item.get("choices"), item.get("answer")) if isinstance(item, dict) else (None, None)
         if not isinstance(item, dict) or not isinstance(item.get("question"), str) or not isinstance(choices, list) \
                 or len(choices) < 2 or not all(isinstance(c, str) for c in choices) \
-                or not isinstance(answer, int) or not 0 <= answer < len(choices):
+                or not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
             raise ValueError(f"--data={str(path)!r}: {where} needs 'question' (str), 'choices' (≥ 2 strings) and "
                              "'answer' (an index into choices)")
         items.append(item)
