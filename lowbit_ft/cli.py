@@ -4,6 +4,7 @@ typed functions whose docstrings are their --help)."""
 
 from __future__ import annotations
 
+import errno
 import inspect
 import re
 import signal
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lowbit-ft: stopped by SIGTERM during {argv[0]}; its partial output was removed", file=sys.stderr)
         raise SystemExit(stop.code) from None
     except Exception as err:
+        if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRORS:
+            print(f"lowbit-ft: error: {os_error_line(err)}", file=sys.stderr)
+            raise SystemExit(1) from None
         if not isinstance(err, user_errors):
             raise
         # user errors are one line, not a traceback (nor jsonargparse's report on every union alternative)
@@ -86,6 +90,23 @@ def main(argv: list[str] | None = None) -> None:
             if type(err).__name__ == "MisconfigurationException" and "backend" in str(err) else ""
         print(f"lowbit-ft: error: {remote_code_refused(innermost_error(str(err)))}{hint}", file=sys.stderr)
         raise SystemExit(1 if type(err).__name__ == "NonFiniteLossError" else 2) from None
+
+
+#: what the machine, not the command line, refused: one line naming the path and the way out, no traceback
+ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: "free space there, or write somewhere with room",
+    errno.EDQUOT: "free space in your quota, or write somewhere else",
+    errno.EROFS: "write somewhere writable (--output, trainer.default_root_dir, LOWBIT_FT_CACHE)",
+    errno.EACCES: "give yourself permission there, or write somewhere else",
+    errno.EPERM: "give yourself permission there, or write somewhere else",
+    errno.ENAMETOOLONG: "choose a shorter name",
+}
+
+
+def os_error_line(err: OSError) -> str:
+    """An OSError as one line: the path, what the system said, and the fix."""
+    path = f"{err.filename}: " if err.filename is not None else ""
+    return f"{path}{err.strerror or err} ({errno.errorcode.get(err.errno, err.errno)}): {ENVIRONMENT_ERRORS[err.errno]}"
 
 
 class Terminated(SystemExit):

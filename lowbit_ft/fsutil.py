@@ -27,6 +27,7 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool | None = False, wha
     overwrite option. With `overwrite`, an existing directory is replaced only if this tool wrote it
     (its marker file) and it holds nothing else since: never a run directory, an input, or a user's files."""
     path = Path(path)
+    check_name_length(path, what)
     if not path.exists():
         return
     if not overwrite:
@@ -44,6 +45,25 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool | None = False, wha
     if foreign:
         raise FileExistsError(f"{what} {path} holds {foreign[0]}, which lowbit-ft did not write there; --overwrite "
                               "never deletes other files: move it away or choose another path")
+
+
+#: what a temporary sibling adds to a name: "." + name + ".PID." + 8 random characters + ".partial" / ".old-PID"
+TEMPORARY_NAME_EXTRA = 32
+
+
+def check_name_length(path: Path, what: str = "output") -> None:
+    """Refuse, before any work, an output name its file system cannot hold together with the temporary name it
+    is first written under (the write would otherwise fail at the very end, with ENAMETOOLONG)."""
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(path.name))
+    if size + TEMPORARY_NAME_EXTRA > limit:
+        raise ValueError(f"{what} {str(path)[:80]}…: its name is {size} bytes, and this file system holds names "
+                         f"of {limit} (it is first written under a temporary name {TEMPORARY_NAME_EXTRA} bytes "
+                         f"longer): choose a name of at most {limit - TEMPORARY_NAME_EXTRA} bytes")
 
 
 def _alive(pid: int) -> bool:

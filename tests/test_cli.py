@@ -1,3 +1,5 @@
+import errno
+import os
 import subprocess
 import sys
 
@@ -92,3 +94,43 @@ def test_the_overview_lists_the_lightning_commands_fit_offers():
     from lowbit_ft.train.cli import LowBitCLI
 
     assert tuple(LIGHTNING_COMMANDS) == LowBitCLI.COMMANDS == tuple(LowBitCLI.subcommands())
+
+
+def test_an_output_name_too_long_is_refused_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch):
+    """A name the file system cannot hold with its temporary suffix: one line at once (was: ENAMETOOLONG at the
+    very end, after quantizing and the reload check)."""
+    import lowbit_ft.commands
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was read before the output name was checked")
+
+    monkeypatch.setattr(lowbit_ft.commands, "open_float", no_work)
+    out = tmp_path / ("q" * 240)
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", str(tiny_dir), "--bits", "4", "--group_size", "32", "--output", str(out)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "its name is 240 bytes, and this file system holds names of 255" in last
+    assert last.endswith("choose a name of at most 223 bytes")
+
+
+@pytest.mark.parametrize(("code", "said"), [
+    (errno.ENOSPC, "No space left on device (ENOSPC): free space there, or write somewhere with room"),
+    (errno.EROFS, "Read-only file system (EROFS): write somewhere writable"),
+    (errno.EACCES, "Permission denied (EACCES): give yourself permission there, or write somewhere else"),
+])
+def test_the_machine_refusing_a_write_is_one_line_naming_the_path(code, said, tiny_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    """What the disk says (full, read-only, no permission) while quantize writes: one line with the path and the
+    fix, exit status 1, nothing left behind (was: a traceback)."""
+    import lowbit_ft.fsutil
+
+    def refused(tensors, path, metadata=None):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(lowbit_ft.fsutil, "save_file", refused)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", "--model", str(tiny_dir), "--bits", "4", "--group_size", "32",
+              "--output", str(tmp_path / "q")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 1 and last.startswith(f"lowbit-ft: error: {tmp_path}/.q.") and said in last
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".q", "q"))]
