@@ -74,21 +74,41 @@ def read_json_lines(path: str | os.PathLike, key: str) -> list[tuple[str, object
         raise ValueError(f"{what}: not UTF-8 text (byte {err.start}); re-save the file as UTF-8") from None
     if not text.strip():
         raise ValueError(f"{what}: the file is empty")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    if path.suffix == ".json" and text.lstrip().startswith(("[", "{")):
         try:
             values = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{what}: line {err.lineno}: not valid JSON ({err.msg})") from None
-        return [(f"record {i}", value) for i, value in enumerate(values)]
+            if text.lstrip().startswith("["):
+                raise ValueError(f"{what}: line {err.lineno}: not valid JSON ({err.msg})") from None
+            values = None  # not one document: JSON lines in a .json file
+        except (ValueError, RecursionError) as err:
+            raise ValueError(f"{what}: not readable JSON ({_json_problem(err)})") from None
+        if isinstance(values, dict):
+            lists = [k for k, v in values.items() if isinstance(v, list)]
+            if lists:
+                raise ValueError(f"{what}: one JSON object holding lists under {', '.join(map(repr, lists[:4]))}; "
+                                 "records are read as a list or one per line: save the list you want (e.g. "
+                                 f"{lists[0]!r}) as its own .json or .jsonl")
+            return [("record 0", values)]
+        if values is not None:
+            return [(f"record {i}", value) for i, value in enumerate(values)]
     out = []
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a JSON string
         if not line.strip():
             continue
         try:
             out.append((f"line {number}", json.loads(line)))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{what}: line {number}: not valid JSON ({err.msg})") from None
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, a 5,000-digit number, nesting too deep
+            raise ValueError(f"{what}: line {number}: not valid JSON ({_json_problem(err)})") from None
     return out
+
+
+def _json_problem(err: Exception) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return err.msg
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return str(err).split(";")[0]  # Python's limit on digits in an integer, without its advice on sys settings
 
 
 def read_records(path: str, key: str = "data.path") -> list[dict]:

@@ -110,6 +110,14 @@ GOOD = json.dumps({"instruction": "a", "output": "b"})
     ("d.json", '[{"instruction": "a",\n "output": }]', "d.json': line 2: not valid JSON"),
     ("d.csv", "instruction,output\na,b\n", ".csv is not supported; give records as .jsonl"),
     ("d.jsonl", b"\xff\xfe{}", "not UTF-8 text (byte 0); re-save the file as UTF-8"),
+    # the probe's unclear ones: a pretty-printed {"train": [...]} was "not valid JSON" at line 1; a deeply
+    # nested line and a 5,000-digit number were tracebacks without the line
+    ("d.json", json.dumps({"train": [json.loads(GOOD)], "test": []}, indent=2),
+     "one JSON object holding lists under 'train', 'test'; records are read as a list or one per line: save the "
+     "list you want (e.g. 'train') as its own .json or .jsonl"),
+    ("d.jsonl", f"{GOOD}\n" + "[" * 100_000 + "]" * 100_000, "line 2: not valid JSON (nested too deeply)"),
+    ("d.jsonl", f"{GOOD}\n" + '{"instruction": "a", "output": ' + "9" * 5000 + "}",
+     "line 2: not valid JSON (Exceeds the limit (4300 digits) for integer string conversion"),
 ])
 def test_bad_data_files_are_named_with_the_line_and_the_fix(name, content, message, tmp_path):
     """The unclear ones of the reliability review: StopIteration for an empty file, DatasetGenerationError
@@ -119,6 +127,11 @@ def test_bad_data_files_are_named_with_the_line_and_the_fix(name, content, messa
     with pytest.raises(ValueError) as info:
         read_records(str(path))
     assert message in str(info.value) and str(info.value).startswith(f"data.path='{path}'")
+
+
+def test_one_pretty_printed_record_in_a_json_file_is_read(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps({"instruction": "a", "output": "b"}, indent=2))
+    assert read_records(str(tmp_path / "d.json")) == [{"instruction": "a", "output": "b"}]
 
 
 def test_jsonl_lines_are_split_on_newlines_only(tmp_path):
