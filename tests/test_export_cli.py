@@ -285,3 +285,27 @@ def test_a_checkpoint_naming_a_cache_entry_outside_the_cache_is_refused(trained,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and "crafted.ckpt: its base record names cache entry '../" in err
     assert "which is not a cache key" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "export"])
+def test_a_checkpoint_whose_base_moved_says_what_each_command_takes(command, trained, tmp_path, capsys):
+    """eval and generate take a checkpoint as --model and have no --base: they say how to get there (was: 'pass
+    --base', which they refuse); export names its own --base."""
+    ckpt = torch.load(trained / "out/quickstart/version_0/checkpoints/last.ckpt", map_location="cpu",
+                      weights_only=True)
+    ckpt["hyper_parameters"]["base"] = str(tmp_path / "moved-away")
+    ckpt["lowbit_base"]["cache_key"] = None
+    torch.save(ckpt, tmp_path / "moved.ckpt")
+    (tmp_path / "task.jsonl").write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n')
+    args = {"eval": ["eval", "--model", str(tmp_path / "moved.ckpt"), "--data", str(tmp_path / "task.jsonl")],
+            "generate": ["generate", "--model", str(tmp_path / "moved.ckpt"), "--prompt", "Hi"],
+            "export": ["export", "--checkpoint", str(tmp_path / "moved.ckpt"), "--output", str(tmp_path / "o")]}
+    with pytest.raises(SystemExit):
+        main(args[command])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"its base '{tmp_path / 'moved-away'}' is not there (moved?)" in last
+    if command == "export":
+        assert "pass --base with the base it was trained on" in last
+    else:
+        assert last.endswith(f"export with `lowbit-ft export --checkpoint {tmp_path / 'moved.ckpt'} --base BASE "
+                             "--output DIR` and give --model DIR")

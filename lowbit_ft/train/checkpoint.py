@@ -64,6 +64,10 @@ def module_from_checkpoint(checkpoint: Path, base: str | None = None, option: st
     source = hparams["base"] = str(base) if base is not None else hparams.get("base", BUILTIN_SMOLLM2)
     cached = cache_key is not None and (cache_root() / cache_key).is_dir()
     if not cached and source != BUILTIN_SMOLLM2 and not Path(source).exists():
+        if option != "--checkpoint":  # eval / generate take the checkpoint as --model and have no --base
+            raise FileNotFoundError(f"{option} {checkpoint}: its base {source!r} is not there (moved?): put it back, "
+                                    f"or export with `lowbit-ft export --checkpoint {checkpoint} --base BASE "
+                                    f"--output DIR` and give {option} DIR")
         raise FileNotFoundError(f"{option} {checkpoint}: its base {source!r} is not there (moved?): pass "
                                 "--base with the base it was trained on (its quantized directory, or the float "
                                 "model, quantized again and checked)")
