@@ -3,6 +3,7 @@ from the checkpoint, and the GPTQ export loaded by transformers + gptqmodel."""
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -309,3 +310,19 @@ def test_a_checkpoint_whose_base_moved_says_what_each_command_takes(command, tra
     else:
         assert last.endswith(f"export with `lowbit-ft export --checkpoint {tmp_path / 'moved.ckpt'} --base BASE "
                              "--output DIR` and give --model DIR")
+
+
+def test_a_checkpoint_whose_adapter_shapes_disagree_with_its_settings_is_one_line(trained, tmp_path, capsys):
+    """A checkpoint whose recorded model.r is not the rank its tensors have (edited, or mixed up): one line
+    naming the tensor and both shapes (was: torch's 'size mismatch' traceback)."""
+    ckpt = torch.load(trained / "out/quickstart/version_0/checkpoints/last.ckpt", map_location="cpu",
+                      weights_only=True)
+    ckpt["hyper_parameters"]["r"] = 8  # trained at r 4
+    torch.save(ckpt, tmp_path / "r8.ckpt")
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(tmp_path / "r8.ckpt"), "--output", str(tmp_path / "o")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"lowbit-ft: error: checkpoint tensor model\.model\.layers\.0\.\S+ is \(\d+, \d+\), this "
+                        r"model's \(\d+, \d+\): the checkpoint was trained with other adapter settings \(model\.r, "
+                        r"adapter_args\); resume or export with the settings it was trained with", last), last
+    assert not (tmp_path / "o").exists()

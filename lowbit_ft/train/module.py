@@ -436,6 +436,12 @@ class LowBitModule(L.LightningModule):
                 f"checkpoint does not match this model's adapters (missing {missing[:2]}, unexpected "
                 f"{unexpected[:2]}): resume with the same model.* settings it was trained with"
             )
+        shapes = {name: tuple(p.shape) for name, p in self.named_parameters() if p.requires_grad}
+        for name, tensor in checkpoint["state_dict"].items():
+            if tuple(tensor.shape) != shapes[name]:
+                raise ValueError(f"checkpoint tensor {name} is {tuple(tensor.shape)}, this model's {shapes[name]}: "
+                                 "the checkpoint was trained with other adapter settings (model.r, adapter_args); "
+                                 "resume or export with the settings it was trained with")
         self._check_adapter_record(checkpoint)
         recorded = checkpoint.get("lowbit_base")
         if not recorded or self.base is None:
