@@ -19,23 +19,16 @@ from lowbit_ft.quant.modules import quant_layers
 from lowbit_ft.train.checkpoint import module_from_checkpoint
 
 from .conftest import make_tiny_llama
-from .test_fit import fit_args
+from .test_fit import fit_args, fit_in
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     """One short fit with MergeCheck and QuantizedExport in the callbacks."""
     root = tmp_path_factory.mktemp("fit")
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        main(fit_args(tiny_model_dir, "--trainer.callbacks+=lowbit_ft.callbacks.MergeCheck",
-                      "--trainer.callbacks+=lowbit_ft.callbacks.QuantizedExport",
-                      "--trainer.callbacks.output", "merged", steps=4))  # inside the run directory
-    finally:
-        os.chdir(cwd)
+    fit_in(root, tiny_model_dir, "--trainer.callbacks+=lowbit_ft.callbacks.MergeCheck",
+           "--trainer.callbacks+=lowbit_ft.callbacks.QuantizedExport",
+           "--trainer.callbacks.output", "merged", steps=4)  # inside the run directory
     return root
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -30,7 +29,7 @@ from lowbit_ft.formats.gguf import GGUF_FILE
 from lowbit_ft.train.checkpoint import module_from_checkpoint
 
 from .families import FAMILIES, ORIGINAL_CONTEXT, TEXTS, VOCAB, family_config, family_tokenizer, write_family_model
-from .test_fit import fit_args
+from .test_fit import fit_args, fit_in
 from .test_runtimes import LlamaCpp, hf_logits, mlx_logits, random_qa_lora, rel_error
 
 POSITIONS = 96  # three times the rope scaling's original context
@@ -56,17 +55,11 @@ def family(request, tmp_path_factory):
     for method in ("rtn", "gptq"):
         main(["quantize", "--model", str(hf), "--bits", "4", "--group_size", "32", "--method", method,
               "--calibration_samples", "16", "--calibration_length", "128", "--output", str(root / method)])
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:  # the examples tokenize long with a 700-token vocabulary: 256 tokens hold them
-        main(fit_args(hf, "--model.lr", "0.05", "--data.max_length", "256",
-                      "--trainer.plugins.init_args.group_size", "32",
-                      "--trainer.callbacks+=lowbit_ft.callbacks.MergeCheck",
-                      "--trainer.callbacks+=lowbit_ft.callbacks.QuantizedExport",
-                      "--trainer.callbacks.output", "merged", steps=4))
-    finally:
-        os.chdir(cwd)
-    run = root / "out/quickstart/version_0"
+    # the examples tokenize long with a 700-token vocabulary: 256 tokens hold them
+    run = fit_in(root, hf, "--model.lr", "0.05", "--data.max_length", "256",
+                 "--trainer.plugins.init_args.group_size", "32", "--trainer.callbacks+=lowbit_ft.callbacks.MergeCheck",
+                 "--trainer.callbacks+=lowbit_ft.callbacks.QuantizedExport", "--trainer.callbacks.output", "merged",
+                 steps=4)
     module = module_from_checkpoint(run / "checkpoints/last.ckpt")
     tokenizer = AutoTokenizer.from_pretrained(hf)
     ids = sample_ids(tokenizer)

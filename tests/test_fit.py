@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -31,6 +32,17 @@ def fit_args(model_dir, *extra, steps=8):
             "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1",
             "--data.limit", "20", "--data.val_fraction", "0.2", "--data.max_length", "64",
             "--trainer.callbacks.every_n_train_steps", "4", *extra]  # the last callback is ModelCheckpoint
+
+
+def fit_in(root: Path, model_dir, *extra, steps=8) -> Path:
+    """`fit_args` run with `root` as the working directory (the recipe writes to out/… there); the run directory."""
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        main(fit_args(model_dir, *extra, steps=steps))
+    finally:
+        os.chdir(cwd)
+    return root / "out/quickstart/version_0"
 
 
 def train_losses(root: Path) -> list[float]:

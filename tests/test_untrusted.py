@@ -178,16 +178,11 @@ def test_a_million_layer_config_over_two_layers_of_weights_is_refused_at_once(ti
 @pytest.fixture(scope="module")
 def fitted(tiny_model_dir, tmp_path_factory):
     """A 4-step fit: its checkpoint records the base, and the base sits in the cache."""
-    from .test_fit import fit_args
+    from .test_fit import fit_in
 
-    root = tmp_path_factory.mktemp("fit")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        main(fit_args(tiny_model_dir, "--trainer.plugins.init_args.group_size", "32", steps=4))
-    finally:
-        os.chdir(cwd)
-    return root / "out/quickstart/version_0/checkpoints/last.ckpt"
+    run = fit_in(tmp_path_factory.mktemp("fit"), tiny_model_dir, "--trainer.plugins.init_args.group_size", "32",
+                 steps=4)
+    return run / "checkpoints/last.ckpt"
 
 
 def cloned_base(ckpt: Path, tmp_path: Path, name: str) -> tuple[Path, Path]:

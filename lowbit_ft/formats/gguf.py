@@ -48,14 +48,16 @@ _NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn
           "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
-def check_gguf(model: nn.Module, tokenizer) -> None:
+def check_gguf(model: nn.Module, tokenizer) -> tuple[Family, str, dict]:
     """Raise a one-line ValueError, naming the formats that do hold the model, unless it exports exactly:
     every quantized layer 2/3/4-bit in (1, g) groups with g % 32 == 0 and float16 scales, a supported family
-    with a rope scaling GGUF expresses for it, and a tokenizer of a kind llama.cpp reads."""
+    with a rope scaling GGUF expresses for it, and a tokenizer of a kind llama.cpp reads. Returns the family
+    and the rope scaling's kind and parameters."""
     layers = quant_layers(model)
     if not layers:
         raise ValueError("gguf: the model has no quantized layers; export a dense model with --format hf")
-    _rope_scaling(model.config, family_of(model.config, "gguf"))
+    family = family_of(model.config, "gguf")
+    rope, scaling = _rope_scaling(model.config, family)
     if tokenizer is None:
         raise ValueError("gguf: llama.cpp needs the tokenizer inside the file; pass the model's tokenizer")
     with _saved(tokenizer) as path:
@@ -76,6 +78,7 @@ def check_gguf(model: nn.Module, tokenizer) -> None:
                                                                    layer.scales):
             raise ValueError(f"gguf: {name} has {layer.scales.dtype} scales that float16 (Q4_1's d) cannot hold "
                              "exactly: use --format lowbit")
+    return family, rope, scaling
 
 
 def llama_cpp_rows(n_heads: int, rows: int) -> torch.Tensor:
@@ -289,10 +292,8 @@ def save_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer, dtype: to
     norms as float32. The tokenizer files and the model card are written beside the GGUF."""
     import gguf
 
-    check_gguf(model, tokenizer)
+    family, rope, scaling = check_gguf(model, tokenizer)
     cfg = model.config
-    family = family_of(cfg, "gguf")
-    rope, scaling = _rope_scaling(cfg, family)
     layers = quant_layers(model)
     heads_of = {"q_proj": cfg.num_attention_heads,
                 "k_proj": cfg.num_key_value_heads or cfg.num_attention_heads} if family.interleaved_rope else {}
