@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -108,5 +111,8 @@ def randomize_adapters(model, seed: int = 0, scale: float = 0.1) -> None:
             p.data.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale / shrink)
 
 
-# quantized bases built by fits go to a per-session cache, never to the user's ~/.cache (subprocesses inherit it)
-os.environ["LOWBIT_FT_CACHE"] = str(Path(__import__("tempfile").mkdtemp(prefix="lowbit-ft-cache-")))
+# quantized bases built by fits go to a per-session cache, never to the user's ~/.cache (subprocesses inherit
+# it); it holds hundreds of MB, so it goes when the session ends
+_SESSION_CACHE = tempfile.mkdtemp(prefix="lowbit-ft-cache-")
+os.environ["LOWBIT_FT_CACHE"] = _SESSION_CACHE
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
