@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -91,7 +92,7 @@ def read_json_lines(path: str | os.PathLike, key: str) -> list[tuple[str, object
                                  f"{lists[0]!r}) as its own .json or .jsonl")
             return [("record 0", values)]
         if values is not None:
-            return [(f"record {i}", value) for i, value in enumerate(values)]
+            return _text_only(what, text, [(f"record {i}", value) for i, value in enumerate(values)])
     out = []
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a JSON string
         if not line.strip():
@@ -100,7 +101,25 @@ def read_json_lines(path: str | os.PathLike, key: str) -> list[tuple[str, object
             out.append((f"line {number}", json.loads(line)))
         except (ValueError, RecursionError) as err:  # JSONDecodeError, a 5,000-digit number, nesting too deep
             raise ValueError(f"{what}: line {number}: not valid JSON ({_json_problem(err)})") from None
-    return out
+    return _text_only(what, text, out)
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _text_only(what: str, text: str, values: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """`values`, or one line naming the first that holds a lone surrogate: JSON's \\ud800 escape is valid JSON
+    but no character, and the tokenizer and arrow fail on it far from the line. Escaped pairs (emoji written
+    with ensure_ascii) are fine; the file is scanned only when it holds such an escape at all."""
+    if not _SURROGATE_ESCAPE.search(text):
+        return values
+    for where, value in values:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"{what}: {where}: holds the escape \\u{ord(err.object[err.start]):04x}, half of a "
+                             "surrogate pair and no character alone; remove it or give the whole pair") from None
+    return values
 
 
 def _json_problem(err: Exception) -> str:
@@ -109,6 +128,16 @@ def _json_problem(err: Exception) -> str:
     if isinstance(err, RecursionError):
         return "nested too deeply"
     return str(err).split(";")[0]  # Python's limit on digits in an integer, without its advice on sys settings
+
+
+def text_field(record: dict, field: str, where: str, optional: bool = False) -> str:
+    """`record[field]`, a string that is not only whitespace; an `optional` one may be absent or null (→ "")."""
+    value = record.get(field)
+    if optional and value is None:
+        return ""
+    if not isinstance(value, str) or (not optional and not value.strip()):
+        raise ValueError(f"{where}: '{field}' must be a non-empty string" + (" or absent" if optional else ""))
+    return value
 
 
 def read_records(path: str, key: str = "data.path") -> list[dict]:
@@ -123,12 +152,8 @@ def read_records(path: str, key: str = "data.path") -> list[dict]:
     for where, record in read_json_lines(path, key):
         if not isinstance(record, dict):
             raise ValueError(f"{key}={path!r}: {where} is not a JSON object")
-        for field in ("instruction", "output"):
-            if not isinstance(record.get(field), str) or not record[field]:
-                raise ValueError(f"{key}={path!r}: {where} has no '{field}' string; every record needs "
-                                 "'instruction' and 'output' strings ('input' is optional)")
-        if not isinstance(record.get("input") or "", str):
-            raise ValueError(f"{key}={path!r}: {where}: 'input' must be a string")
+        for field in ("instruction", "input", "output"):
+            text_field(record, field, f"{key}={path!r}: {where}", optional=field == "input")
         records.append(record)
     if not records:
         raise ValueError(f"{key}={path!r}: no records in the file")

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from lowbit_ft.chat import check_conversation
-from lowbit_ft.records import BUILTIN_DEMO, demo_records, read_json_lines
+from lowbit_ft.records import BUILTIN_DEMO, demo_records, read_json_lines, text_field
 
 FORMATS = ("alpaca", "prompt_completion", "messages", "sharegpt")
 #: the columns that identify each format (detection tries them in this order)
@@ -137,22 +137,14 @@ def detect_format(columns: list[str], fmt: str | None = None, where: str = "data
                      "rename them with data.columns, e.g. --data.columns '{instruction: question, output: answer}'")
 
 
-def _text(record: dict, field: str, where: str, optional: bool = False) -> str:
-    value = record.get(field)
-    if optional and value is None:
-        return ""
-    if not isinstance(value, str) or (not optional and not value.strip()):
-        raise ValueError(f"{where}: '{field}' must be a non-empty string" + (" or absent" if optional else ""))
-    return value
-
-
 def canonical_record(record: dict, fmt: str, where: str) -> dict:
     """The record checked and reduced to its format's fields (sharegpt becomes messages)."""
     if fmt == "alpaca":
-        return {"instruction": _text(record, "instruction", where), "input": _text(record, "input", where, True),
-                "output": _text(record, "output", where)}
+        return {"instruction": text_field(record, "instruction", where),
+                "input": text_field(record, "input", where, optional=True),
+                "output": text_field(record, "output", where)}
     if fmt == "prompt_completion":
-        return {"prompt": _text(record, "prompt", where), "completion": _text(record, "completion", where)}
+        return {"prompt": text_field(record, "prompt", where), "completion": text_field(record, "completion", where)}
     if fmt == "messages":
         return {"messages": check_conversation(record.get("messages"), where)}
     turns = record.get("conversations")

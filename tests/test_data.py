@@ -105,7 +105,8 @@ GOOD = json.dumps({"instruction": "a", "output": "b"})
     ("d.jsonl", "", "d.jsonl': the file is empty"),
     ("d.jsonl", "\n  \n", "d.jsonl': the file is empty"),
     ("d.json", "[]", "d.json': no records in the file"),
-    ("d.jsonl", f"{GOOD}\n" + json.dumps({"instruction": "c", "output": 7}), "line 2 has no 'output' string"),
+    ("d.jsonl", f"{GOOD}\n" + json.dumps({"instruction": "c", "output": 7}),
+     "line 2: 'output' must be a non-empty string"),
     ("d.jsonl", f"{GOOD}\n[1, 2]", "line 2 is not a JSON object"),
     ("d.json", '[{"instruction": "a",\n "output": }]', "d.json': line 2: not valid JSON"),
     ("d.csv", "instruction,output\na,b\n", ".csv is not supported; give records as .jsonl"),
@@ -118,6 +119,16 @@ GOOD = json.dumps({"instruction": "a", "output": "b"})
     ("d.jsonl", f"{GOOD}\n" + "[" * 100_000 + "]" * 100_000, "line 2: not valid JSON (nested too deeply)"),
     ("d.jsonl", f"{GOOD}\n" + '{"instruction": "a", "output": ' + "9" * 5000 + "}",
      "line 2: not valid JSON (Exceeds the limit (4300 digits) for integer string conversion"),
+    # a lone surrogate escape is valid JSON but no character: tokenizers and arrow fail on it without the line
+    ("d.jsonl", f"{GOOD}\n" + '{"instruction": "a\\ud800", "output": "b"}',
+     "line 2: holds the escape \\ud800, half of a surrogate pair and no character alone; remove it or give the "
+     "whole pair"),
+    ("d.json", '[' + GOOD + ',\n{"instruction": "a", "output": "\\uDFFFb"}]',
+     "record 1: holds the escape \\udfff, half of a surrogate pair"),
+    # the same rule as fit's data: a whitespace-only field is empty, an input is a string (or absent / null)
+    ("d.jsonl", json.dumps({"instruction": "a", "output": " \n"}), "line 1: 'output' must be a non-empty string"),
+    ("d.jsonl", json.dumps({"instruction": "a", "input": 0, "output": "b"}), "line 1: 'input' must be a non-empty"),
+    ("d.jsonl", json.dumps({"instruction": "a", "input": False, "output": "b"}), "line 1: 'input' must be a non-empty"),
 ])
 def test_bad_data_files_are_named_with_the_line_and_the_fix(name, content, message, tmp_path):
     """The unclear ones of the reliability review: StopIteration for an empty file, DatasetGenerationError
@@ -127,6 +138,11 @@ def test_bad_data_files_are_named_with_the_line_and_the_fix(name, content, messa
     with pytest.raises(ValueError) as info:
         read_records(str(path))
     assert message in str(info.value) and str(info.value).startswith(f"data.path='{path}'")
+
+
+def test_escaped_surrogate_pairs_and_a_null_input_are_read(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"instruction": "\\ud83d\\ude00", "input": null, "output": "b"}')
+    assert read_records(str(tmp_path / "d.jsonl")) == [{"instruction": "\U0001f600", "input": None, "output": "b"}]
 
 
 def test_one_pretty_printed_record_in_a_json_file_is_read(tmp_path):

@@ -190,3 +190,13 @@ def test_gptq_calibrates_on_any_format(tmp_path, smol_tokenizer):
                                                          calibration_mode="per_record", calibration_samples=1))
     first = demo_records()[0]
     assert smol_tokenizer.decode(demo[0][0]) == f"{first['instruction']}\n{first['input']}\n{first['output']}"
+
+
+def test_a_lone_surrogate_in_a_conversation_is_one_line_naming_its_line(tmp_path, tiny_model_dir):
+    """Valid JSON, no character: arrow refused it with a traceback that named no line."""
+    path = tmp_path / "chat.jsonl"
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good).replace("Hello.", "Hello \\ud83d") + "\n")
+    with pytest.raises(ValueError, match=r"^data.path='.*chat.jsonl': line 2: holds the escape \\ud83d, half of a "
+                                         r"surrogate pair and no character alone; remove it or give the whole pair$"):
+        token_ids(path, tiny_model_dir)
