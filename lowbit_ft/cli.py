@@ -156,5 +156,22 @@ def innermost_error(message: str) -> str:
         return " ".join(lines) or message
     cause = lines[causes[-1]]
     if cause.endswith(":") and causes[-1] + 1 < len(lines):  # 'Parser key "x":' — the reason is the next line
-        cause = f"{cause} {lines[causes[-1] + 1]}"
+        reason = lines[causes[-1] + 1]
+        if reason.startswith("Does not validate against"):  # a plain union: what was given and what it takes
+            reason = _union_mismatch(lines) or reason
+        cause = f"{cause} {reason}"
     return cause
+
+
+def _union_mismatch(lines: list[str]) -> str | None:
+    """ "VALUE is a TYPE; it takes A or B" from a union report's Subtypes / Given value lines."""
+    found = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in lines
+             if line.startswith(("Subtypes:", "Given value type:", "Given value:"))}
+    if len(found) < 3:
+        return None
+    name = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")
+    subtypes = re.split(r",\s*(?![^\[]*\])", name.sub(r"\1", found["Subtypes"])[1:-1])  # commas outside [...]
+    takes = [t.replace("NoneType", "null") for t in subtypes]
+    given = name.sub(r"\1", found["Given value type"])
+    hint = " (a list is written [a, b])" if any(t.startswith("list") for t in takes) else ""
+    return f"{found['Given value']} is a {given}; it takes {' or '.join(takes)}{hint}"

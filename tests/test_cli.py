@@ -82,6 +82,13 @@ def test_boolean_options_work_as_bare_flags(tiny_dir, tmp_path, capsys):
      "    Subclass types expect one of:\n    - a class path (str)\n  - LowBitPrecision bits=5 is not supported\n"
      "  - Import path x does not correspond to a subclass of B\nGiven value type: list",
      "LowBitPrecision bits=5 is not supported"),
+    ('Parser key "model.targets":\n  Does not validate against any of the Union subtypes\n  Subtypes: [list[str], '
+     "<class 'NoneType'>]\n  Errors:\n    - Expected a <class 'list'>\n    - Expected a <class 'NoneType'>\n  Given "
+     "value type: <class 'str'>\n  Given value: q_proj",
+     'Parser key "model.targets": q_proj is a str; it takes list[str] or null (a list is written [a, b])'),
+    ('Parser key "x":\n  Does not validate against any of the Union subtypes\n  Subtypes: [dict[str, int], <class '
+     "'float'>]\n  Given value type: <class 'str'>\n  Given value: abc",
+     'Parser key "x": abc is a str; it takes dict[str, int] or float'),
 ])
 def test_parser_reports_become_the_one_line_that_says_what_is_wrong(message, expected):
     from lowbit_ft.cli import innermost_error

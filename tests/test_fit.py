@@ -296,6 +296,9 @@ def test_resume_refuses_changed_settings_naming_them(tiny_model_dir, tmp_path, c
     ("--model.dropout", "1.5", "model.dropout=1.5 must be < 1"),
     ("--model.base", "no/such/dir", "model.base='no/such/dir': no such file or directory"),
     ("--trainer.plugins.init_args.bits", "5", "LowBitPrecision bits=5 is not supported: use one of (2, 3, 4, 8)"),
+    # a union's report said only "Does not validate against any of the Union subtypes"
+    ("--model.targets", "q_proj", 'Parser key "model.targets": q_proj is a str; it takes list[str] or null (a list '
+                                  "is written [a, b])"),
     pytest.param("--trainer.accelerator", "gpu", "(trainer.accelerator: no such device here; use auto or cpu)",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="there is a GPU here")),
 ])
