@@ -331,3 +331,35 @@ def test_the_conversation_recipe_trains_packed_conversations(tiny_model_dir, tmp
     (ckpt,) = tmp_path.glob("out/chat_messages/version_0/checkpoints/last.ckpt")
     assert torch.load(ckpt, weights_only=True)["InstructionDataModule"] == {"template": "chat"}
     assert load_for_eval(str(ckpt))[2] == "chat" and load_for_eval(str(ckpt), template="none")[2] == "none"
+
+
+def test_a_fit_that_fails_before_its_first_checkpoint_leaves_no_run_directory(tiny_model_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    """A bad record found when the data is read, or an error in the first step: no empty version_N is left
+    behind (was: one per failed attempt, holding only the run marker); a run that wrote a checkpoint is kept."""
+    import lowbit_ft.train.module
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "a"}) + "\n")
+    err = one_line_error(capsys, fit_args(tiny_model_dir, "--data.path", str(bad)))
+    assert "bad.jsonl': line 2: 'output' must be a non-empty string" in err
+    assert list((tmp_path / "out/quickstart").iterdir()) == []
+
+    step = lowbit_ft.train.module.LowBitModule.training_step
+
+    def fails_at(at):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == at:
+                raise RuntimeError(f"failed at step {at}")
+            return step(self, batch, batch_idx)
+        return training_step
+
+    monkeypatch.setattr(lowbit_ft.train.module.LowBitModule, "training_step", fails_at(0))
+    with pytest.raises(RuntimeError, match="failed at step 0"):
+        main(fit_args(tiny_model_dir))
+    assert list((tmp_path / "out/quickstart").iterdir()) == []
+    monkeypatch.setattr(lowbit_ft.train.module.LowBitModule, "training_step", fails_at(5))
+    with pytest.raises(RuntimeError, match="failed at step 5"):
+        main(fit_args(tiny_model_dir))
+    (run,) = (tmp_path / "out/quickstart").iterdir()
+    assert (run / "checkpoints/epoch=0-step=4.ckpt").is_file()

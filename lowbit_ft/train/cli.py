@@ -125,8 +125,16 @@ class LowBitCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except BaseException:
-            if getattr(self, "_created_run", None) is not None:  # a config that fails leaves no empty run behind
+            if getattr(self, "_created_run", None) is not None:
                 release(self._created_run)
+            raise
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if getattr(self, "_created_run", None) is not None and self.trainer.is_global_zero:
+                release(self._created_run)  # a fit that failed before writing anything leaves no empty run
             raise
 
     def before_fit(self) -> None:

@@ -51,11 +51,23 @@ def last_checkpoint(root: str | os.PathLike | None) -> Path | None:
     return newest / "checkpoints" / "last.ckpt" if newest else None
 
 
+#: what a run writes before its first step: the marker and Lightning's records of the settings (the user's config)
+_SETTINGS_ONLY = {RUN_MARKER, "config.yaml", "hparams.yaml"}
+
+
 def release(run: Path) -> None:
-    """Remove a run directory this process created if nothing but its marker is in it (the config failed)."""
-    if run.is_dir() and [p.name for p in run.iterdir()] == [RUN_MARKER]:
-        (run / RUN_MARKER).unlink()
-        run.rmdir()
+    """Remove a run directory this process created if it holds nothing but its marker and the settings' records
+    (the config or the data failed, or the first step did): failed attempts leave no empty version_N behind."""
+    if not run.is_dir():
+        return
+    files = [p for p in run.rglob("*") if not p.is_dir()]
+    if RUN_MARKER not in {p.name for p in files} or any(p.name not in _SETTINGS_ONLY for p in files):
+        return
+    for file in files:
+        file.unlink()
+    for folder in sorted((p for p in run.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        folder.rmdir()
+    run.rmdir()
 
 
 def place_outputs(config, run: Path) -> None:
