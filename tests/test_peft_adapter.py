@@ -60,3 +60,20 @@ def test_qa_lora_scaling_carries_peft_s_pooling_factor(tmp_path):
     q = layers["model.layers.0.self_attn.q_proj"].adapter
     assert q.scaling == 4.0 and torch.equal(q.lora_A.data, A) and torch.equal(q.lora_B.data, B)
     assert all(not w.adapter.lora_B.any() for n, w in layers.items() if n != "model.layers.0.self_attn.q_proj")
+
+
+def test_a_crafted_adapter_file_is_one_line_naming_it(tmp_path):
+    """A header whose tensor shape needs more bytes than it spans: safetensors' SafetensorError before."""
+    import struct
+
+    path = write_adapter(tmp_path / "a", {}, {KEY.format("A"): torch.ones(2, 64), KEY.format("B"): torch.ones(64, 2)})
+    weights = path / "adapter_model.safetensors"
+    raw = weights.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header[KEY.format("A")]["shape"] = [1 << 30, 1 << 30]
+    text = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    with pytest.raises(ValueError, match=f"^{weights}: tensor {KEY.format('A')} spans 512 bytes, its shape "
+                                         r"\[1073741824, 1073741824\] needs 4611686018427387904$"):
+        attach_peft_adapter(base_model(), path)

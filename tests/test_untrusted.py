@@ -147,20 +147,24 @@ except ValueError as err:
 """
 
 
-@pytest.mark.parametrize(("module", "function", "quantized"), [
-    ("stream", "open_float", False), ("load", "load_model", False), ("load", "load_quantized", True)])
+@pytest.mark.parametrize(("module", "function", "saved_as"), [
+    ("stream", "open_float", None), ("load", "load_model", None), ("load", "load_quantized", "lowbit"),
+    ("load", "load_model", "mlx")])
 def test_a_million_layer_config_over_two_layers_of_weights_is_refused_at_once(tiny_model_dir, tmp_path, module,
-                                                                             function, quantized):
+                                                                             function, saved_as):
     """config.json's num_hidden_layers decides how many layers a skeleton gets: checked against the layers the
-    safetensors headers hold before anything is built (the old code built a million layers' modules)."""
+    safetensors headers hold before anything is built (the old code built a million layers' modules; an MLX
+    directory still did)."""
     model = tmp_path / "model"
-    if quantized:
+    if saved_as:
         from lowbit_ft import BlockLayout, quantize_model
         from lowbit_ft.formats.lowbit import save_lowbit
+        from lowbit_ft.formats.mlx import save_mlx
 
         from .conftest import make_tiny_llama
 
-        save_lowbit(quantize_model(make_tiny_llama(), BlockLayout.group(4, 32), progress=False), model)
+        save = {"lowbit": save_lowbit, "mlx": save_mlx}[saved_as]
+        save(quantize_model(make_tiny_llama(), BlockLayout.group(4, 32), progress=False), model)
     else:
         shutil.copytree(tiny_model_dir, model)
     config = json.loads((model / "config.json").read_text())
@@ -305,3 +309,150 @@ def test_sigterm_while_writing_removes_the_partial_output(command, tiny_model_di
     assert err.strip().splitlines()[-1] == (f"lowbit-ft: stopped by SIGTERM during {command}; its partial output "
                                             "was removed")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --- crafted headers: every number in a tensor file is checked against the file before it is trusted ---------
+def safetensors_with(model_dir: Path, out: Path, change) -> Path:
+    """`model_dir` copied to `out` with its safetensors header changed by `change(header, data)` → bytes."""
+    import struct
+
+    shutil.copytree(model_dir, out)
+    raw = (out / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    first = next(k for k in header if k != "__metadata__")
+    (out / "model.safetensors").write_bytes(change(header, first, raw[8 + n:]))
+    return out
+
+
+def packed_header(header: dict, data: bytes) -> bytes:
+    import struct
+
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def changed(**entry):
+    def change(header, first, data):
+        header[first].update(entry)
+        return packed_header(header, data)
+    return change
+
+
+@pytest.mark.parametrize(("case", "change", "said"), [
+    ("a 2^62-byte header", lambda h, first, data: (1 << 62).to_bytes(8, "little") + b"{}" * 8,
+     "model.safetensors: not a safetensors file (no header of a plausible size)"),
+    ("a 4 TiB tensor", changed(data_offsets=[0, 4 << 40]), "model.safetensors: tensor lm_head.weight lies outside "
+                                                           "the file"),
+    # these two reached transformers, whose safetensors reader raised SafetensorError (a traceback)
+    ("an absurd shape", changed(shape=[1 << 20, 1 << 22]), "model.safetensors: tensor lm_head.weight spans 12582912 "
+                                                           "bytes, its shape [1048576, 4194304] needs 17592186044416"),
+    ("an unknown dtype", changed(dtype="Q9"), "model.safetensors: tensor lm_head.weight has dtype 'Q9', which is no "
+                                              "safetensors dtype"),
+])
+def test_a_crafted_safetensors_header_is_one_line(case, change, said, tiny_model_dir, tmp_path, capsys):
+    model = safetensors_with(tiny_model_dir, tmp_path / "model", change)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", str(model), "--prompt", "hi", "--max_new_tokens", "1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and lines[-1] == f"lowbit-ft: error: {model / said}", case
+
+
+def small_gguf(path: Path) -> Path:
+    """A valid GGUF: a string, a string array, an int array and two tensors (one Q4_1)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", "crafted")
+    writer.add_token_list(["a", "b", "ab"])
+    writer.add_array("tokenizer.ggml.token_type", [1, 1, 1])
+    writer.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    writer.add_tensor("token_embd.weight", np.zeros((2, 20), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def gguf_crafted(data: bytes, case: str) -> bytes:
+    """`data` (small_gguf's bytes) with one number changed as an attacker would."""
+    import struct
+
+    big = struct.pack("<Q", 1 << 62)
+    name = data.index(b"general.name")  # preceded by its 8-byte length
+    tokens = data.index(b"tokenizer.ggml.tokens")
+    tokens_count = tokens + len("tokenizer.ggml.tokens") + 4 + 4  # after the value type and the item type
+    return {
+        "tensor count 2^62": lambda: data[:8] + big + data[16:],
+        "metadata count 2^62": lambda: data[:16] + big + data[24:],
+        "key length 2^62": lambda: data[:name - 8] + big + data[name:],
+        "array count 2^62": lambda: data[:tokens_count] + big + data[tokens_count + 8:],
+        "cut inside the tensors": lambda: data[:-40],  # the last tensor's 40 bytes are padded to 64
+    }[case]()
+
+
+@pytest.mark.parametrize(("case", "said"), [
+    ("tensor count 2^62", "4611686018427387904 tensors cannot fit in the"),
+    ("metadata count 2^62", "4611686018427387904 metadata entries cannot fit in the"),
+    ("key length 2^62", "runs past the end of the file"),
+    ("array count 2^62", "4611686018427387904 items of tokenizer.ggml.tokens cannot fit in the"),
+    ("cut inside the tensors", "tensor token_embd.weight (40 bytes at offset 256) lies outside the file"),
+])
+def test_a_crafted_gguf_header_is_one_line(case, said, tmp_path, capsys):
+    """Each was a struct.error traceback from gguf's reader inside transformers (or an allocation sized by it)."""
+    path = tmp_path / "crafted.gguf"
+    path.write_bytes(gguf_crafted(small_gguf(tmp_path / "small.gguf").read_bytes(), case))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", str(path), "--prompt", "hi", "--max_new_tokens", "1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"lowbit-ft: error: {path}: damaged GGUF header: ") and said in lines[0], lines[0]
+    assert lines[0].endswith("; the file is cut short or not a GGUF model")
+
+
+def test_gguf_headers_that_are_whole_pass_the_check(tmp_path):
+    from lowbit_ft.formats.load import smollm2_gguf
+    from lowbit_ft.formats.tensor_file import check_gguf_header
+
+    check_gguf_header(small_gguf(tmp_path / "small.gguf"))
+    check_gguf_header(smollm2_gguf())
+
+
+GENERATE = ["generate", "--prompt", "hi", "--max_new_tokens", "1", "--model"]
+QUANTIZE = ["quantize", "--bits", "4", "--group_size", "32", "--model"]
+
+
+@pytest.mark.parametrize("command", [QUANTIZE, GENERATE], ids=["quantize", "generate"])
+@pytest.mark.parametrize("shard", ["../elsewhere/model.safetensors", "/abs/model.safetensors", ".."])
+def test_a_shard_index_naming_a_file_outside_the_directory_is_refused(command, shard, tiny_model_dir, tmp_path,
+                                                                      capsys):
+    """model.safetensors.index.json's file names became paths: quantize read '../elsewhere/…', another
+    directory's weights, and wrote its model from them (exit 0)."""
+    from safetensors import safe_open
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (tmp_path / "elsewhere").mkdir()
+    (model / "model.safetensors").rename(tmp_path / "elsewhere" / "model.safetensors")
+    with safe_open(str(tmp_path / "elsewhere" / "model.safetensors"), "pt") as f:
+        weight_map = dict.fromkeys(f.keys(), shard)
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, str(model), "--output", str(tmp_path / "out")][:None if command == QUANTIZE else -2])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and lines[-1] == (
+        f"lowbit-ft: error: {model / 'model.safetensors.index.json'}: its weight_map names {shard!r}, which is not a "
+        "file name; the shards must sit beside the index"), lines[-3:]
+
+
+def test_a_shard_index_that_is_not_one_is_one_line(tiny_model_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weights": {}}))
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(model), "--prompt", "hi", "--max_new_tokens", "1"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"lowbit-ft: error: {model / 'model.safetensors.index.json'}: not a safetensors index (a JSON object whose "
+        "weight_map maps each tensor to its file)")

@@ -33,6 +33,7 @@ from torch import nn
 
 from lowbit_ft.families import Family, family_of
 from lowbit_ft.formats.format import CheckpointFormat, exact_save
+from lowbit_ft.formats.tensor_file import check_gguf_header
 from lowbit_ft.fsutil import atomic_directory
 from lowbit_ft.kernels import unpack_codes
 from lowbit_ft.progress import progress_bar
@@ -341,6 +342,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    check_gguf_header(path)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     # transformers' GGUF reader shows a plain tqdm bar: ours writes whole lines when stderr is a log
     with mock.patch.object(hf_gguf, "tqdm", progress_bar):

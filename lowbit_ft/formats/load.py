@@ -22,9 +22,8 @@ from lowbit_ft.families import family_of
 from lowbit_ft.formats.gptq import GPTQ_KEYS, from_gptq, read_gptq_config
 from lowbit_ft.formats.lowbit import QUANT_METHOD, install_quant_layers
 from lowbit_ft.formats.registry import detect_format
-from lowbit_ft.formats.tensor_file import TensorFile
+from lowbit_ft.formats.tensor_file import TensorFile, check_config, check_gguf_header
 from lowbit_ft.progress import is_terminal, progress_bar
-from lowbit_ft.quant.blocks import block_index
 from lowbit_ft.quant.modules import set_submodule
 from lowbit_ft.quant.quant_linear import QuantLinear
 
@@ -53,26 +52,20 @@ def smollm2_gguf() -> Path:
 def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, no weight_map, not str → str
+            raise ValueError(f"{index}: not a safetensors index (a JSON object whose weight_map maps each tensor to "
+                             "its file)") from None
+        for name in names:  # a name inside a file never becomes a path elsewhere: '../x', '/x', '..'
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"{index}: its weight_map names {name!r}, which is not a file name; the shards "
+                                 "must sit beside the index")
         return [path / n for n in names]
     single = path / "model.safetensors"
     if single.exists():
         return [single]
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def check_config(path: Path, config: dict, keys) -> None:
-    """config.json against what lowbit-ft supports and what the weights hold, before a skeleton is built from
-    it: a supported family (one line naming the model_type otherwise), and num_hidden_layers equal to the
-    decoder layers the safetensors headers name. A number in a file must not decide an allocation the weights
-    do not back (1,000,000 layers of module objects exhaust any host)."""
-    family_of(config, str(path / "config.json"))
-    held = {block_index(key) for key in keys} - {None}
-    stated = config.get("num_hidden_layers")
-    count = max(held) + 1 if held else 0
-    if isinstance(stated, bool) or not isinstance(stated, int) or stated != count:
-        raise ValueError(f"{path / 'config.json'}: num_hidden_layers is {str(stated)[:20]} but the weights hold "
-                         f"{count} decoder layers: the config does not belong to these weights")
 
 
 def check_source_family(source: str) -> None:
@@ -179,6 +172,7 @@ def load_tokenizer(source: str):
     """The tokenizer of a model source ('smollm2', a .gguf file, or a directory with tokenizer files)."""
     path = smollm2_gguf() if source == BUILTIN_SMOLLM2 else Path(source)
     if path.suffix == ".gguf" and path.is_file():
+        check_gguf_header(path)
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     if not has_tokenizer(path):
         raise FileNotFoundError(f"{source!r}: no tokenizer files (tokenizer.json / tokenizer_config.json) there")
@@ -218,7 +212,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32):
             model, tokenizer = model.eval(), None
         elif fmt is None or fmt.load is None:  # an unknown quant_method is refused there, by name
             model, tokenizer = load_quantized(path, dtype=dtype), None
-        else:
+        else:  # the format's reader checks its own files
             model, tokenizer = fmt.load(path, dtype)
     if tokenizer is None and path.is_dir() and has_tokenizer(path):
         tokenizer = load_tokenizer(str(path))

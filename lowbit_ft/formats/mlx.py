@@ -15,11 +15,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from lowbit_ft.dtypes import dtype_name
 from lowbit_ft.formats.format import CheckpointFormat, exact_save
+from lowbit_ft.formats.tensor_file import TensorFile, check_config
 from lowbit_ft.fsutil import write_checkpoint
 from lowbit_ft.quant.layout import BlockLayout
 from lowbit_ft.quant.modules import quant_layers, set_submodule
@@ -107,8 +107,10 @@ def load_mlx(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if hasattr(config, "quantization"):
         del config.quantization
+    weights_file = TensorFile(path / "model.safetensors")
+    check_config(path, raw, weights_file.keys())  # before the config's numbers build a skeleton
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    weights = load_file(path / "model.safetensors")
+    weights = {key: weights_file.get_tensor(key) for key in weights_file.keys()}
     for name in sorted(k.removesuffix(".scales") for k in weights if k.endswith(".scales")):
         try:
             dense = model.get_submodule(name)

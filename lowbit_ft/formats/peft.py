@@ -17,10 +17,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from lowbit_ft.adapters import adapted_layers, attach
+from lowbit_ft.formats.tensor_file import read_tensors
 from lowbit_ft.quant.modules import quant_layers
 
 PREFIX = "base_model.model."
@@ -50,7 +50,7 @@ def read_peft_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Te
     if used or config.get("bias", "none") != "none":
         raise ValueError(f"--peft_adapter {path}: uses {used or ['bias training']}, which this import does not map; "
                          "plain LoRA and QA-LoRA are supported")
-    return config, load_file(weights_file)
+    return config, read_tensors(weights_file)
 
 
 @torch.no_grad()

@@ -20,14 +20,13 @@ from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.formats.load import (
     BUILTIN_SMOLLM2,
     assign_tensor,
-    check_config,
     has_tokenizer,
     load_model,
     load_tokenizer,
     safetensors_files,
 )
 from lowbit_ft.formats.registry import detect_format
-from lowbit_ft.formats.tensor_file import TensorFile
+from lowbit_ft.formats.tensor_file import TensorFile, check_config
 from lowbit_ft.quant.blocks import BlockVisitor, block_index
 
 

@@ -1,4 +1,5 @@
-"""Reading safetensors files with plain reads instead of a memory map.
+"""Reading safetensors files with plain reads instead of a memory map; checking headers before they are trusted
+(a GGUF file's, and a config.json's layer count against the safetensors headers).
 
 `safetensors.safe_open` maps the whole file: every page a read touches stays in the process's resident memory
 until the handle closes, so reading a model's shards tensor by tensor ends up holding the shards as well as the
@@ -16,9 +17,17 @@ from pathlib import Path
 
 import torch
 
+from lowbit_ft.families import family_of
+from lowbit_ft.quant.blocks import block_index
+
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+#: bits per element of every dtype the safetensors format defines (the header's spans are checked against them)
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+               "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+               "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 _MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
 
 
@@ -49,6 +58,13 @@ class TensorFile:
                 raise ValueError(f"{self.path}: tensor {name} has no valid shape and data_offsets") from None
             if not 0 <= begin <= end <= length - self._start or min(shape, default=0) < 0:
                 raise ValueError(f"{self.path}: tensor {name} lies outside the file")
+            bits = _DTYPE_BITS.get(entry.get("dtype"))
+            if bits is None:
+                raise ValueError(f"{self.path}: tensor {name} has dtype {entry.get('dtype')!r}, which is no "
+                                 "safetensors dtype")
+            if end - begin != -(-math.prod(shape) * bits // 8):
+                raise ValueError(f"{self.path}: tensor {name} spans {end - begin} bytes, its shape {shape} needs "
+                                 f"{-(-math.prod(shape) * bits // 8)}")
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -59,9 +75,6 @@ class TensorFile:
         dtype, shape = _DTYPES.get(entry["dtype"]), entry["shape"]
         if dtype is None:
             raise ValueError(f"{self.path}: tensor {name} has dtype {entry['dtype']!r}, which lowbit-ft does not read")
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{self.path}: tensor {name} spans {end - begin} bytes, its shape {shape} needs "
-                             f"{math.prod(shape) * dtype.itemsize}")
         # on the CPU whatever the default device: the bytes are read into it through numpy
         buffer = torch.empty(end - begin, dtype=torch.uint8, device="cpu")
         with open(self.path, "rb") as f:
@@ -69,3 +82,130 @@ class TensorFile:
             if f.readinto(buffer.numpy()) != end - begin:
                 raise ValueError(f"{self.path}: truncated inside tensor {name}")
         return buffer.view(dtype).reshape(shape) if buffer.numel() else torch.empty(shape, dtype=dtype, device="cpu")
+
+
+
+def check_config(path: Path, config: dict, keys) -> None:
+    """config.json against what lowbit-ft supports and what the weights hold, before a skeleton is built from
+    it: a supported family (one line naming the model_type otherwise), and num_hidden_layers equal to the
+    decoder layers the safetensors headers name. A number in a file must not decide an allocation the weights
+    do not back (1,000,000 layers of module objects exhaust any host)."""
+    family_of(config, str(path / "config.json"))
+    held = {block_index(key) for key in keys} - {None}
+    stated = config.get("num_hidden_layers")
+    count = max(held) + 1 if held else 0
+    if isinstance(stated, bool) or not isinstance(stated, int) or stated != count:
+        raise ValueError(f"{path / 'config.json'}: num_hidden_layers is {str(stated)[:20]} but the weights hold "
+                         f"{count} decoder layers: the config does not belong to these weights")
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (its header checked first), for small files: adapters, one MLX file."""
+    file = TensorFile(path)
+    return {key: file.get_tensor(key) for key in file.keys()}
+
+
+# GGUF value types (the format's numbering): the fixed sizes, and string / array
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGML_MAX_DIMS = 4
+
+
+class _Cursor:
+    """Reads a file's bytes in order, refusing any read that would run past its end."""
+
+    def __init__(self, path: Path, data, size: int) -> None:
+        self.path, self.data, self.size, self.pos = path, data, size, 0
+
+    def damaged(self, what: str) -> ValueError:
+        return ValueError(f"{self.path}: damaged GGUF header: {what}; the file is cut short or not a GGUF model")
+
+    def skip(self, n: int, what: str) -> int:
+        if self.pos + n > self.size:
+            raise self.damaged(f"{what} at byte {self.pos} runs past the end of the file ({self.size} bytes)")
+        self.pos += n
+        return self.pos - n
+
+    def unpack(self, fmt: str, what: str) -> int:
+        return struct.unpack_from(fmt, self.data, self.skip(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q", what)
+        return bytes(self.data[self.skip(n, what):self.pos]).decode("utf-8", errors="replace")
+
+    def count(self, n: int, least: int, what: str) -> int:
+        """`n` items of at least `least` bytes each, refused at once if they cannot fit in what is left."""
+        if n * least > self.size - self.pos:
+            raise self.damaged(f"{n} {what} cannot fit in the {self.size - self.pos} bytes left")
+        return n
+
+    def value(self, kind: int, what: str) -> None:
+        if kind in _GGUF_SIZES:
+            self.skip(_GGUF_SIZES[kind], what)
+        elif kind == _GGUF_STRING:
+            self.string(what)
+        elif kind == _GGUF_ARRAY:
+            item = self.unpack("<I", what)
+            n = self.count(self.unpack("<Q", what), _GGUF_SIZES.get(item, 8), f"items of {what}")
+            if item in _GGUF_SIZES:
+                self.skip(n * _GGUF_SIZES[item], what)
+            else:
+                for _ in range(n):
+                    self.value(item, what)
+        else:
+            raise self.damaged(f"{what} has value type {kind}, which GGUF does not define")
+
+
+def check_gguf_header(path: str | os.PathLike) -> None:
+    """Refuse, in one line, a GGUF file whose header does not fit inside it. Every count, string and array length
+    and each tensor's extent is checked against the bytes that are there before a reader trusts it (gguf's reader
+    fails on them with struct errors deep inside transformers, or sizes arrays by them)."""
+    import mmap
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24 or f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (it does not start with the GGUF magic and counts)")
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # pages are read as the header is walked
+    try:
+        c = _Cursor(path, data, size)
+        c.pos = 4
+        version = c.unpack("<I", "the version")
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version}; lowbit-ft reads versions 2 and 3")
+        n_tensors, n_values = c.unpack("<Q", "the tensor count"), c.unpack("<Q", "the metadata count")
+        alignment = 32
+        for i in range(c.count(n_values, 13, "metadata entries")):  # key length, type, one byte of value
+            key = c.string(f"metadata key {i}")
+            kind = c.unpack("<I", key)
+            if key == "general.alignment" and kind == 4:
+                alignment = c.unpack("<I", key)
+                if alignment == 0 or alignment & (alignment - 1):
+                    raise c.damaged(f"general.alignment is {alignment}, not a power of two")
+            else:
+                c.value(kind, key)
+        extents = []
+        for i in range(c.count(n_tensors, 24, "tensors")):  # name length, dims count, type, offset
+            name = c.string(f"tensor {i}'s name")
+            dims = [c.unpack("<Q", name) for _ in range(c.count(c.unpack("<I", name), 8, f"dimensions of {name}"))]
+            if len(dims) > _GGML_MAX_DIMS:
+                raise c.damaged(f"tensor {name} has {len(dims)} dimensions (at most {_GGML_MAX_DIMS})")
+            kind, offset = c.unpack("<I", name), c.unpack("<Q", name)
+            try:
+                block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            except (ValueError, KeyError):
+                raise c.damaged(f"tensor {name} has type {kind}, which GGUF does not define") from None
+            elements = math.prod(dims)
+            if elements % block:
+                raise c.damaged(f"tensor {name} has {elements} elements, not whole blocks of {block}")
+            extents.append((name, offset, elements // block * block_bytes))
+        data_start = -(-c.pos // alignment) * alignment
+        for name, offset, nbytes in extents:
+            if data_start + offset + nbytes > size:
+                raise c.damaged(f"tensor {name} ({nbytes} bytes at offset {offset}) lies outside the file "
+                                f"({size} bytes)")
+    finally:
+        data.close()
