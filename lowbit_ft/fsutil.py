@@ -185,6 +185,10 @@ def replaced_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None:  # a write's ENOSPC names no file: name the one being written
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     finally:
         Path(tmp).unlink(missing_ok=True)
     default_permissions(path)

@@ -1,6 +1,7 @@
 """`lowbit-ft fit` end to end on a tiny model: loss, adapter-only checkpoints, resume, NaN guard, W&B, errors."""
 
 import csv
+import errno
 import json
 import math
 import os
@@ -363,3 +364,68 @@ def test_a_fit_that_fails_before_its_first_checkpoint_leaves_no_run_directory(ti
         main(fit_args(tiny_model_dir))
     (run,) = (tmp_path / "out/quickstart").iterdir()
     assert (run / "checkpoints/epoch=0-step=4.ckpt").is_file()
+
+
+class _DiskFillsUp:
+    """A file whose disk is full after `room` bytes: write() raises ENOSPC as the OS would (no file name)."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            self.file.write(bytes(data)[:self.room])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_leaves_no_truncated_checkpoint_and_resumes(
+        tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The disk fills up halfway through step 3's checkpoint: fit stops with one line naming the file (exit 1),
+    no file under a final name is truncated (step 2's checkpoints and last.ckpt are whole, no step-3 file or
+    partial is left), and --ckpt_path last.ckpt trains to the adapters of an uninterrupted run, bit for bit."""
+    import contextlib
+
+    import lowbit_ft.train.checkpoint_io
+
+    def args():  # a checkpoint every step
+        out = fit_args(tiny_model_dir, "--model.dropout", "0.1", steps=5)
+        out[out.index("--trainer.callbacks.every_n_train_steps") + 1] = "1"
+        return out
+
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    main(args())
+    real = lowbit_ft.train.checkpoint_io.replaced_file
+
+    @contextlib.contextmanager
+    def full_at_step_3(path, mode="wb"):
+        with real(path, mode) as f:
+            yield _DiskFillsUp(f, room=20_000) if "step=3" in Path(path).name else f
+
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    monkeypatch.setattr(lowbit_ft.train.checkpoint_io, "replaced_file", full_at_step_3)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args())
+    checkpoints = tmp_path / "b/out/quickstart/version_0/checkpoints"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and err[-1] == (
+        f"lowbit-ft: error: {checkpoints / 'epoch=0-step=3.ckpt'}: No space left on device (ENOSPC): free space "
+        "there, or write somewhere with room"), err[-3:]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt",
+                                                             "last.ckpt"]
+    for ckpt in checkpoints.iterdir():  # each loads whole
+        assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] in (1, 2)
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+    monkeypatch.setattr(lowbit_ft.train.checkpoint_io, "replaced_file", real)
+    main([*args(), "--ckpt_path", str(checkpoints / "last.ckpt")])
+    straight = adapter_state(tmp_path / "a/out/quickstart/version_0/checkpoints/last.ckpt")
+    resumed = adapter_state(checkpoints / "last.ckpt")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
