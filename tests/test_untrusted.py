@@ -139,23 +139,20 @@ def test_the_recipes_still_load():
 CALL_TIMED = """
 import sys, time
 from lowbit_ft.formats.{module} import {function}
-start = time.perf_counter()
-try:
-    {function}(sys.argv[1])
-except ValueError as err:
-    print(f"{{time.perf_counter() - start:.2f}}", err, sep="\\n")
+for path in sys.argv[1:]:
+    start = time.perf_counter()
+    try:
+        {function}(path)
+        print("loaded", path)
+    except ValueError as err:
+        print(f"{{time.perf_counter() - start:.2f}}", err)
 """
+LOADERS = [("stream", "open_float", None), ("load", "load_model", None), ("load", "load_quantized", "lowbit"),
+           ("load", "load_model", "mlx")]
 
 
-@pytest.mark.parametrize(("module", "function", "saved_as"), [
-    ("stream", "open_float", None), ("load", "load_model", None), ("load", "load_quantized", "lowbit"),
-    ("load", "load_model", "mlx")])
-def test_a_million_layer_config_over_two_layers_of_weights_is_refused_at_once(tiny_model_dir, tmp_path, module,
-                                                                             function, saved_as):
-    """config.json's num_hidden_layers decides how many layers a skeleton gets: checked against the layers the
-    safetensors headers hold before anything is built (the old code built a million layers' modules; an MLX
-    directory still did)."""
-    model = tmp_path / "model"
+def saved_with(tiny_model_dir: Path, model: Path, saved_as: str | None, **change) -> Path:
+    """The tiny model as a float directory or saved `saved_as` (INT4 g32), its config.json then changed."""
     if saved_as:
         from lowbit_ft import BlockLayout, quantize_model
         from lowbit_ft.formats.lowbit import save_lowbit
@@ -168,14 +165,63 @@ def test_a_million_layer_config_over_two_layers_of_weights_is_refused_at_once(ti
     else:
         shutil.copytree(tiny_model_dir, model)
     config = json.loads((model / "config.json").read_text())
-    config["num_hidden_layers"] = 1_000_000
+    config.update(change)
     (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def refused_at_once(module: str, function: str, *models: Path) -> list[str]:
+    """The one-line ValueError `function(model)` raises for each model, in a fresh process under a 3 GB address
+    space, each within 5 s."""
     code = CALL_TIMED.format(module=module, function=function)
-    run = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", code, *map(str, models)], capture_output=True, text=True,
+                         timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)))
     lines = run.stdout.strip().splitlines()
-    assert len(lines) == 2 and float(lines[0]) < 5, run.stdout + run.stderr[-2000:]
-    assert lines[1] == (f"{model / 'config.json'}: num_hidden_layers is 1000000 but the weights hold 2 decoder "
-                        "layers: the config does not belong to these weights")
+    assert len(lines) == len(models), run.stdout + run.stderr[-2000:]
+    seconds, said = zip(*(line.split(" ", 1) for line in lines), strict=True)
+    assert max(map(float, seconds)) < 5, lines
+    return list(said)
+
+
+@pytest.mark.parametrize(("module", "function", "saved_as"), LOADERS)
+def test_a_million_layer_config_over_two_layers_of_weights_is_refused_at_once(tiny_model_dir, tmp_path, module,
+                                                                             function, saved_as):
+    """config.json's num_hidden_layers decides how many layers a skeleton gets: checked against the layers the
+    safetensors headers hold before anything is built (the old code built a million layers' modules; an MLX
+    directory still did)."""
+    model = saved_with(tiny_model_dir, tmp_path / "model", saved_as, num_hidden_layers=1_000_000)
+    assert refused_at_once(module, function, model) == [
+        f"{model / 'config.json'}: num_hidden_layers is 1000000 but the weights hold 2 decoder layers: the config "
+        "does not belong to these weights"]
+
+
+WRONG_SHAPES = {  # a change to config.json: what is said (a float directory; a packed one if it differs)
+    "hidden": ({"hidden_size": 1_000_000},
+               "tensor model.embed_tokens.weight is [{vocab}, 64], but {config} makes it [{vocab}, 1000000]"),
+    "vocab": ({"vocab_size": 10**9},
+              "tensor model.embed_tokens.weight is [{vocab}, 64], but {config} makes it [1000000000, 64]"),
+    "mlp": ({"intermediate_size": 10**8},  # a packed layer has no float shape: the bytes it would need
+            "tensor model.layers.0.mlp.gate_proj.weight is [128, 64], but {config} makes it [100000000, 64]",
+            "{config}: its decoder layers have 38,400,024,576 linear weights, at 2 bits each 9,600,006,144 bytes, "
+            "but the weights hold"),
+    "heads": ({"num_attention_heads": 3},
+              "{config}: transformers refuses it: ValueError: The hidden size (64) is not a multiple of the number "
+              "of attention heads (3)."),
+}
+
+
+@pytest.mark.parametrize(("module", "function", "saved_as"), LOADERS)
+def test_a_config_whose_shapes_the_weights_do_not_hold_is_refused_before_allocating(
+        tiny_model_dir, tmp_path, module, function, saved_as):
+    """Every number in config.json that sizes a tensor is checked on a skeleton built on the meta device, before
+    anything is allocated: float tensors against their headers' shapes, packed layers against the bytes the
+    weights hold (were: allocations of 196 GB, 256 GB and 25.6 GB, or transformers' validation traceback)."""
+    models = [saved_with(tiny_model_dir, tmp_path / name, saved_as, **change)
+              for name, (change, *_) in WRONG_SHAPES.items()]
+    lines = refused_at_once(module, function, *models)
+    for model, line, (_, *said) in zip(models, lines, WRONG_SHAPES.values(), strict=True):
+        expected = said[-1 if saved_as else 0].format(config=model / "config.json", vocab=256 if saved_as else 49152)
+        assert line.startswith(str(model)) and expected in line, line
 
 
 # --- the base's float tensors are part of what identifies it -------------------------------------------------

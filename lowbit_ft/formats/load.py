@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from lowbit_ft.dtypes import parse_dtype
@@ -124,10 +124,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", b
     # a layer's tensors may sit in different shards: index every key's file first
     opened = {file: TensorFile(file) for file in files}  # plain reads: no shard stays mapped in memory
     key_file = {key: file for file, tensors in opened.items() for key in tensors.keys()}
-    check_config(path, raw_config, key_file)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # we do the quantized loading; transformers must not
+    config = check_config(path, raw_config, opened.values())  # without its quantization_config: loaded here
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     layers = sorted({k.rsplit(".", 1)[0] for k in key_file if k.endswith(".qweight")})
@@ -207,7 +204,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32):
         )
     with _hf_bars_off_in_logs():
         if fmt is None and "quantization_config" not in config:
-            check_config(path, config, (k for f in safetensors_files(path) for k in TensorFile(f).keys()))
+            check_config(path, config, map(TensorFile, safetensors_files(path)))
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
             model, tokenizer = model.eval(), None
         elif fmt is None or fmt.load is None:  # an unknown quant_method is refused there, by name

@@ -94,7 +94,7 @@ def load_mlx(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.
     """Read an MLX directory as `save_mlx` writes it (one model.safetensors, quantized linears, float
     embeddings) back as a HF model with QuantLinear layers: codes and scales as stored, zeros
     z′ = −bias / s computed in float64 and stored in float32. Anything else is a one-line ValueError."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
@@ -104,11 +104,8 @@ def load_mlx(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.
     if not (path / "model.safetensors").is_file():
         raise ValueError(f"{path}: no model.safetensors (sharded MLX checkpoints are not read here)")
     layout = BlockLayout.group(int(quant["bits"]), int(quant["group_size"]))
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if hasattr(config, "quantization"):
-        del config.quantization
     weights_file = TensorFile(path / "model.safetensors")
-    check_config(path, raw, weights_file.keys())  # before the config's numbers build a skeleton
+    config = check_config(path, raw, [weights_file])  # without its quantization block: read here
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     weights = {key: weights_file.get_tensor(key) for key in weights_file.keys()}
     for name in sorted(k.removesuffix(".scales") for k in weights if k.endswith(".scales")):

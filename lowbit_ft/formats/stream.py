@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.formats.load import (
@@ -37,9 +37,7 @@ class BlockReader(BlockVisitor):
     def __init__(self, path: Path, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
         self.path, self.dtype, self.device = path, dtype, device
         self._files = {file: TensorFile(file) for file in safetensors_files(path)}  # plain reads, no memory map
-        check_config(path, json.loads((path / "config.json").read_text()),
-                     (key for tensors in self._files.values() for key in tensors.keys()))
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        config = check_config(path, json.loads((path / "config.json").read_text()), self._files.values())
         with init_empty_weights(include_buffers=False):  # parameters on meta; rotary buffers real, as at load
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         self._keys: dict[int | None, list[tuple[str, Path]]] = {}

@@ -1,5 +1,5 @@
 """Reading safetensors files with plain reads instead of a memory map; checking headers before they are trusted
-(a GGUF file's, and a config.json's layer count against the safetensors headers).
+(a GGUF file's, and a config.json's numbers against the safetensors headers).
 
 `safetensors.safe_open` maps the whole file: every page a read touches stays in the process's resident memory
 until the handle closes, so reading a model's shards tensor by tensor ends up holding the shards as well as the
@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 _DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
                "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
                "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 _MAX_HEADER = 100 << 20  # the format's own limit on the JSON header
 
 
@@ -69,6 +71,15 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def header(self, name: str) -> tuple[str, list[int]]:
+        """A tensor's safetensors dtype name and shape, as its header states them (checked at open)."""
+        return self._entries[name]["dtype"], self._entries[name]["shape"]
+
+    @property
+    def data_bytes(self) -> int:
+        """The bytes of all tensors in the file."""
+        return sum(end - begin for begin, end in (entry["data_offsets"] for entry in self._entries.values()))
+
     def get_tensor(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
         begin, end = entry["data_offsets"]
@@ -85,18 +96,47 @@ class TensorFile:
 
 
 
-def check_config(path: Path, config: dict, keys) -> None:
-    """config.json against what lowbit-ft supports and what the weights hold, before a skeleton is built from
-    it: a supported family (one line naming the model_type otherwise), and num_hidden_layers equal to the
-    decoder layers the safetensors headers name. A number in a file must not decide an allocation the weights
-    do not back (1,000,000 layers of module objects exhaust any host)."""
-    family_of(config, str(path / "config.json"))
-    held = {block_index(key) for key in keys} - {None}
-    stated = config.get("num_hidden_layers")
+def check_config(path: Path, raw: dict, files: Iterable[TensorFile]):
+    """config.json against what lowbit-ft supports and what the weights hold, before anything is allocated from
+    it; returns transformers' config object. A number in a file must not decide an allocation the weights do not
+    back (1,000,000 layers of module objects, or one 10⁹-row embedding, exhaust any host). Checked, each a
+    one-line ValueError: a supported family; num_hidden_layers equal to the decoder layers the safetensors
+    headers name; a config transformers accepts; on a skeleton built on the meta device (no memory), every float
+    tensor of the weights that names a parameter has that parameter's shape, and the weights hold at least the
+    2 bits per decoder linear weight of the smallest format (the packed ones have no float shape to compare)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where = path / "config.json"
+    family_of(raw, str(where))
+    headers = {name: (file, *file.header(name)) for file in files for name in file.keys()}
+    held = {block_index(key) for key in headers} - {None}
+    stated = raw.get("num_hidden_layers")
     count = max(held) + 1 if held else 0
     if isinstance(stated, bool) or not isinstance(stated, int) or stated != count:
-        raise ValueError(f"{path / 'config.json'}: num_hidden_layers is {str(stated)[:20]} but the weights hold "
+        raise ValueError(f"{where}: num_hidden_layers is {str(stated)[:20]} but the weights hold "
                          f"{count} decoder layers: the config does not belong to these weights")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as err:  # transformers' own validation
+        raise ValueError(f"{where}: transformers refuses it: {str(err).strip().splitlines()[-1].strip()}") from None
+    for key in ("quantization_config", "quantization"):  # the caller does the quantized loading
+        if hasattr(config, key):
+            delattr(config, key)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    for name, parameter in skeleton.named_parameters():
+        file, dtype, shape = headers.get(name, (None, None, None))
+        if dtype in _FLOAT_DTYPES and list(shape) != list(parameter.shape):
+            raise ValueError(f"{file.path}: tensor {name} is {list(shape)}, but {where} makes it "
+                             f"{list(parameter.shape)}: the config does not belong to these weights")
+    linear = sum(m.weight.numel() for m in skeleton.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    stored = sum(file.data_bytes for file in {file for file, *_ in headers.values()})
+    if stored * 8 < linear * 2:
+        raise ValueError(f"{where}: its decoder layers have {linear:,} linear weights, at 2 bits each "
+                         f"{linear // 4:,} bytes, but the weights hold {stored:,} bytes: the config does not belong "
+                         "to these weights")
+    return config
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
