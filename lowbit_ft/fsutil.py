@@ -39,12 +39,27 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool | None = False, wha
     if not marker.is_file():
         raise FileExistsError(f"{what} {path} is not a directory lowbit-ft wrote (no {OUTPUT_MARKER}); --overwrite "
                               "only replaces an earlier export or quantize output: choose another path")
-    ours = set(json.loads(marker.read_text()).get("files", []))
+    ours = _listed_files(marker)
+    if ours is None:
+        raise FileExistsError(f"{what} {path}: its {OUTPUT_MARKER} is not the file list lowbit-ft writes, so what the "
+                              "directory holds cannot be told apart; --overwrite leaves it alone: choose another path")
     foreign = sorted(str(p.relative_to(path)) for p in path.rglob("*")
                      if p.is_file() and p != marker and str(p.relative_to(path)) not in ours)
     if foreign:
         raise FileExistsError(f"{what} {path} holds {foreign[0]}, which lowbit-ft did not write there; --overwrite "
                               "never deletes other files: move it away or choose another path")
+
+
+def _listed_files(marker: Path) -> set[str] | None:
+    """The relative file names an output marker lists (only compared with names, never opened), or None when
+    the marker is not one this tool writes."""
+    try:
+        files = json.loads(marker.read_text(errors="strict"))["files"]
+    except (ValueError, KeyError, TypeError, RecursionError, OSError):
+        return None
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return None
+    return set(files)
 
 
 #: what a temporary sibling adds to a name: "." + name + ".PID." + 8 random characters + ".partial" / ".old-PID"

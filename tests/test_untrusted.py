@@ -502,3 +502,22 @@ def test_a_shard_index_that_is_not_one_is_one_line(tiny_model_dir, tmp_path, cap
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"lowbit-ft: error: {model / 'model.safetensors.index.json'}: not a safetensors index (a JSON object whose "
         "weight_map maps each tensor to its file)")
+
+
+def test_an_output_marker_that_is_not_ours_leaves_the_directory_alone(tiny_model_dir, tmp_path, capsys):
+    """--overwrite replaces a directory only by the file list its marker holds: a marker that is not that list
+    (not JSON, not an object, names that are not strings, undecodable bytes) is one line, and nothing in the
+    directory is touched (was: JSON's own message naming no file, or an AttributeError traceback)."""
+    out = tmp_path / "q"
+    args = ["quantize", "--model", str(tiny_model_dir), "--bits", "4", "--group_size", "32", "--output", str(out)]
+    main(args)
+    marker = out / ".lowbit-ft-output.json"
+    held = sorted(p.name for p in out.iterdir())
+    for text in (b"{", b"[1, 2]", b'{"files": "model.safetensors"}', b'{"files": [1]}', b'{"files": ["\xff"]}'):
+        marker.write_bytes(text)
+        with pytest.raises(SystemExit):
+            main([*args, "--overwrite", "true"])
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"lowbit-ft: error: output {out}: its .lowbit-ft-output.json is not the file list lowbit-ft writes, so "
+            "what the directory holds cannot be told apart; --overwrite leaves it alone: choose another path"), text
+        assert sorted(p.name for p in out.iterdir()) == held and marker.read_bytes() == text
