@@ -27,7 +27,7 @@ _MARK = "\ue000{}\ue001"  # private-use code points: never in a template, not me
 
 def check_conversation(messages: object, where: str) -> list[dict]:
     """The conversation as a list of {role, content} dicts, or one line naming `where`: roles system / user /
-    assistant, string contents, a system message only first, at least one assistant turn."""
+    assistant, string contents, a system message only first, at least one assistant turn, none of them empty."""
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: an empty conversation; give a list of {{role, content}} messages")
     for i, message in enumerate(messages):
@@ -38,6 +38,9 @@ def check_conversation(messages: object, where: str) -> list[dict]:
             raise ValueError(f"{where}: message {i} has role {role!r}; roles are {', '.join(ROLES)}")
         if role == "system" and i:
             raise ValueError(f"{where}: message {i} is a system message; only the first message may be one")
+        if role == "assistant" and not message["content"].strip():
+            raise ValueError(f"{where}: message {i} is an assistant turn with no text (only whitespace), nothing to "
+                             "learn from; give its text or remove the turn")
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{where}: the conversation has no assistant turn, so nothing to learn from")
     return [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -100,6 +100,8 @@ ENVIRONMENT_ERRORS = {
     errno.EACCES: "give yourself permission there, or write somewhere else",
     errno.EPERM: "give yourself permission there, or write somewhere else",
     errno.ENAMETOOLONG: "choose a shorter name",
+    errno.EFBIG: "the file system or the process's file size limit (ulimit -f) caps files there: write somewhere "
+                 "else, or raise the limit",
 }
 
 

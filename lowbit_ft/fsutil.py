@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -140,9 +141,25 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        inside = _inside(err.filename, tmp)
+        if inside is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(out_dir / inside)) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _inside(filename, root: Path) -> Path | None:
+    """`filename` relative to `root` when it lies inside it (an OSError's path in a temporary directory)."""
+    if not isinstance(filename, str | os.PathLike):
+        return None
+    try:
+        return Path(filename).relative_to(root)
+    except ValueError:
+        return None
 
 
 def default_permissions(root: Path) -> None:
@@ -153,6 +170,22 @@ def default_permissions(root: Path) -> None:
     root.chmod((0o777 if root.is_dir() else 0o666) & ~umask)
     for path in root.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, whose writer (Rust) reports a full disk or a file size limit as a SafetensorError
+    with "(os error N)" in its text: raised here as the OSError it is, naming `path`, so every caller's handling
+    of the machine's refusals (one line; the cache going on without itself) applies."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as err:
+        code = _OS_ERROR.search(str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
 
 
 def write_checkpoint(model: nn.Module, out_dir: str | os.PathLike, packed: dict[str, torch.Tensor],
@@ -175,7 +208,7 @@ def write_checkpoint(model: nn.Module, out_dir: str | os.PathLike, packed: dict[
         config["dtype"] = dtype_name(dtype)
         config["quantization_config"] = quantization_config
     with atomic_directory(out_dir, overwrite) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors", {"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

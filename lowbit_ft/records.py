@@ -131,9 +131,10 @@ def _json_problem(err: Exception) -> str:
 
 
 def text_field(record: dict, field: str, where: str, optional: bool = False) -> str:
-    """`record[field]`, a string that is not only whitespace; an `optional` one may be absent or null (→ "")."""
+    """`record[field]`, a string that is not only whitespace; an `optional` one may be absent, null or only
+    whitespace (→ "": nothing is added to the prompt for it)."""
     value = record.get(field)
-    if optional and value is None:
+    if optional and (value is None or isinstance(value, str) and not value.strip()):
         return ""
     if not isinstance(value, str) or (not optional and not value.strip()):
         raise ValueError(f"{where}: '{field}' must be a non-empty string" + (" or absent" if optional else ""))
@@ -152,9 +153,9 @@ def read_records(path: str, key: str = "data.path") -> list[dict]:
     for where, record in read_json_lines(path, key):
         if not isinstance(record, dict):
             raise ValueError(f"{key}={path!r}: {where} is not a JSON object")
-        for field in ("instruction", "input", "output"):
-            text_field(record, field, f"{key}={path!r}: {where}", optional=field == "input")
-        records.append(record)
+        for field in ("instruction", "output"):
+            text_field(record, field, f"{key}={path!r}: {where}")
+        records.append({**record, "input": text_field(record, "input", f"{key}={path!r}: {where}", optional=True)})
     if not records:
         raise ValueError(f"{key}={path!r}: no records in the file")
     return records

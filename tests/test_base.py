@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -191,6 +192,34 @@ def test_a_full_disk_while_caching_leaves_no_entry_and_the_run_goes_on(own_sourc
     again = quantized_base(own_source, spec, progress=False)
     assert again.cache_key == key and again.fingerprint == base.fingerprint
     assert (cache_root() / key / RECORD_FILE).is_file()
+
+
+CACHED_BASE = """
+import sys
+from lowbit_ft.formats.cache import quantized_base
+from lowbit_ft.quant.modules import quant_layers
+from lowbit_ft.quant.spec import QuantSpec
+base = quantized_base(sys.argv[1], QuantSpec(bits=4, group_size=32), progress=False)
+print(base.cache_key, len(quant_layers(base.model)))
+"""
+
+
+def test_a_cache_the_kernel_refuses_to_fill_is_no_cache(own_source, tmp_path):
+    """No patched writer: the base built under a 4 MiB file size limit (its entry needs more). The kernel's
+    refusal reaches the cache as the OSError it is (safetensors raised a SafetensorError, which the cache did not
+    catch: the run died); one warning, the base in hand, no entry or partial one in the cache."""
+    import subprocess
+    import sys
+
+    from .test_cli import file_size_limit
+
+    root = tmp_path / "cache"
+    run = subprocess.run([sys.executable, "-c", CACHED_BASE, own_source], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "LOWBIT_FT_CACHE": str(root)},
+                         preexec_fn=file_size_limit(4 << 20))
+    assert run.returncode == 0 and run.stdout.split()[-2:] == ["None", "14"], run.stderr[-3000:]
+    assert f"cache {root / 'bases'} cannot be written (File too large): going on without caching" in run.stderr
+    assert not [p for p in (root / "bases").iterdir() if p.is_dir()]
 
 
 def test_a_cache_entry_missing_its_record_is_built_again(own_source, caplog):

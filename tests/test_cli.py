@@ -139,5 +139,34 @@ def test_the_machine_refusing_a_write_is_one_line_naming_the_path(code, said, ti
         main(["quantize", "--model", str(tiny_dir), "--bits", "4", "--group_size", "32",
               "--output", str(tmp_path / "q")])
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_info.value.code == 1 and last.startswith(f"lowbit-ft: error: {tmp_path}/.q.") and said in last
+    assert exit_info.value.code == 1 and last.startswith(f"lowbit-ft: error: {tmp_path / 'q/model.safetensors'}: ")
+    assert said in last
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".q", "q"))]
+
+
+def file_size_limit(limit: int):
+    """For a subprocess: the kernel refuses writes past `limit` bytes per file (EFBIG, SIGXFSZ ignored): a full
+    disk as the writers see it, whatever writes (safetensors' writer is Rust, not Python's file objects)."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_write_the_kernel_refuses_is_one_line_naming_the_output(tiny_dir, tmp_path):
+    """No patched writer: quantize under a 64 KiB file size limit. safetensors reports the kernel's refusal as a
+    SafetensorError, not an OSError; it is one line naming the output's file and the fix, exit status 1, and
+    nothing is left behind (was: a SafetensorError traceback)."""
+    out = tmp_path / "q"
+    run = subprocess.run([sys.executable, "-m", "lowbit_ft", "quantize", "--model", str(tiny_dir), "--bits", "4",
+                          "--group_size", "32", "--output", str(out)], capture_output=True, text=True, timeout=300,
+                         preexec_fn=file_size_limit(64 << 10))
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and last == (
+        f"lowbit-ft: error: {out / 'model.safetensors'}: File too large (EFBIG): the file system or the process's "
+        "file size limit (ulimit -f) caps files there: write somewhere else, or raise the limit"), run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]

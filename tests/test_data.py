@@ -142,12 +142,22 @@ def test_bad_data_files_are_named_with_the_line_and_the_fix(name, content, messa
 
 def test_escaped_surrogate_pairs_and_a_null_input_are_read(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"instruction": "\\ud83d\\ude00", "input": null, "output": "b"}')
-    assert read_records(str(tmp_path / "d.jsonl")) == [{"instruction": "\U0001f600", "input": None, "output": "b"}]
+    assert read_records(str(tmp_path / "d.jsonl")) == [{"instruction": "\U0001f600", "input": "", "output": "b"}]
+
+
+def test_a_whitespace_only_input_is_no_input(tmp_path):
+    """Whitespace-only 'input' is trimmed away as empty, so the prompt is the one without an input (was: a blank
+    Input section was written into the prompt and trained on)."""
+    from lowbit_ft.records import ALPACA_NO_INPUT, format_prompt
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "a", "input": " \n\t", "output": "b"}))
+    (record,) = read_records(str(tmp_path / "d.jsonl"))
+    assert record["input"] == "" and format_prompt(record, "alpaca", None) == ALPACA_NO_INPUT.format(instruction="a")
 
 
 def test_one_pretty_printed_record_in_a_json_file_is_read(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps({"instruction": "a", "output": "b"}, indent=2))
-    assert read_records(str(tmp_path / "d.json")) == [{"instruction": "a", "output": "b"}]
+    assert read_records(str(tmp_path / "d.json")) == [{"instruction": "a", "input": "", "output": "b"}]
 
 
 def test_jsonl_lines_are_split_on_newlines_only(tmp_path):
@@ -155,7 +165,7 @@ def test_jsonl_lines_are_split_on_newlines_only(tmp_path):
     record = {"instruction": "a\u2028b", "output": "c\x85d"}
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
-    assert read_records(str(path)) == [record]
+    assert read_records(str(path)) == [{**record, "input": ""}]
 
 
 def test_seeded_split(tiny_model_dir):

@@ -110,6 +110,19 @@ def test_alpaca_records_are_checked(record, message):
         canonical_record(record, "alpaca", "row 2")
 
 
+def test_whitespace_is_no_input_and_an_assistant_turn_of_whitespace_is_refused():
+    """A whitespace-only 'input' is trimmed away as empty (was: kept, and a blank input trained on); an assistant
+    turn of only whitespace is one line naming it, in messages and sharegpt records alike (was: trained on)."""
+    assert canonical_record({"instruction": "Add.", "input": " \n", "output": "x"}, "alpaca", "row 2")["input"] == ""
+    said = "^row 3: message 1 is an assistant turn with no text \\(only whitespace\\), nothing to learn from"
+    with pytest.raises(ValueError, match=said):
+        canonical_record({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " \n"}]},
+                         "messages", "row 3")
+    with pytest.raises(ValueError, match=said):
+        canonical_record({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "\t"}]},
+                         "sharegpt", "row 3")
+
+
 def test_a_bad_record_in_a_file_is_one_line_naming_its_line(tmp_path, tiny_model_dir):
     path = tmp_path / "chat.jsonl"
     good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}

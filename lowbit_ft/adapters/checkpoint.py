@@ -9,12 +9,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from lowbit_ft.adapters.model import adapted_layers, attach
 from lowbit_ft.adapters.registry import REGISTRY
-from lowbit_ft.fsutil import default_permissions, refuse_existing, remove_stale_partials
+from lowbit_ft.fsutil import default_permissions, refuse_existing, remove_stale_partials, save_tensors
 
 FORMAT = "lowbit-ft-adapters/1"
 
@@ -36,9 +35,13 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, overwrite: bool = F
     remove_stale_partials(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_tensors(tensors, tmp, metadata)
         default_permissions(tmp)
         os.replace(tmp, path)
+    except OSError as err:  # named by the file being written, not its temporary name
+        if err.filename != str(tmp):
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
     finally:
         tmp.unlink(missing_ok=True)
     return path
