@@ -59,3 +59,21 @@ def family_of(config, where: str) -> Family:
     need = need or "its layers mapped onto LLaMA's seven projections, its norms and rope written by each export format"
     raise ValueError(f"{where}: model_type {str(model_type)[:40]!r} is not supported (model_type {supported} are): "
                      f"{need}")
+
+
+def check_full_attention(config, fmt: str, runtime: str) -> None:
+    """A one-line ValueError when some layers of the model attend only over a sliding window (Mistral 7B v0.1's
+    `sliding_window`; Qwen2's with `use_sliding_window`) shorter than its context: `runtime` attends over the
+    whole context, so past the window the export would compute something other than what was trained."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and window >= context:
+        return
+    raise ValueError(f"{fmt}: the model attends over a sliding window of {window} positions (config.json "
+                     f"sliding_window), which {runtime} does not apply, so past {window} positions the export would "
+                     "compute something else: use --format lowbit (transformers applies the window), or, to run "
+                     f"contexts of at most {window} positions only, set sliding_window to null in the base's "
+                     "config.json")

@@ -309,6 +309,12 @@ def test_gguf_names_the_byte_level_pre_tokenizer_llama_cpp_knows(pre, name):
     ("gguf", {"model_type": "mistral", "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, torch.float16,
      "rope scaling 'llama3' of a Mistral model is not written by this exporter"),
     ("mlx", {}, torch.bfloat16, "float16 scales do not fit torch.bfloat16 exactly; export with --dtype float16"),
+    # Mistral 7B v0.1's attention window, Qwen2's on the layers layer_types marks: neither runtime applies one
+    ("gguf", {"model_type": "mistral", "sliding_window": 16}, torch.float16,
+     r"^gguf: the model attends over a sliding window of 16 positions \(config.json sliding_window\), which "
+     r"llama.cpp does not apply, so past 16 positions the export would compute something else: use --format lowbit"),
+    ("mlx", {"model_type": "qwen2", "sliding_window": 32, "layer_types": ["full_attention", "sliding_attention"]},
+     torch.float16, "^mlx: the model attends over a sliding window of 32 positions .* which mlx-lm does not apply"),
 ])
 def test_check_refuses_before_anything_is_written(fmt, change, dtype, message, smol_tokenizer):
     """exporters.check is what the CLI runs before the merge check and QuantizedExport before training:
@@ -320,6 +326,20 @@ def test_check_refuses_before_anything_is_written(fmt, change, dtype, message, s
         setattr(model.config, key, value)
     with pytest.raises(ValueError, match=message):
         check(model, fmt, smol_tokenizer, dtype)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "mlx"])
+@pytest.mark.parametrize("change", [{"sliding_window": None}, {"sliding_window": 128},
+                                    {"sliding_window": 16, "layer_types": ["full_attention"] * 2}])
+def test_a_window_that_limits_nothing_is_no_window(fmt, change, smol_tokenizer):
+    """No window, one as long as the context (128 positions), or one no layer uses (Qwen2.5's configs name a
+    sliding_window with use_sliding_window false): the export computes what was trained, and is written."""
+    from lowbit_ft.formats.export import check
+
+    model = adapted(layout=BlockLayout.group(4, 64), vocab=49152)
+    for key, value in change.items():
+        setattr(model.config, key, value)
+    check(model, fmt, smol_tokenizer, torch.float16)
 
 
 @pytest.mark.parametrize(("drop", "message"), [

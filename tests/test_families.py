@@ -96,19 +96,51 @@ def test_the_fit_trains_merges_and_exports(family):
 
 @runtimes
 def test_lowbit_export_is_the_adapter_on_model(family):
-    """`lowbit-ft export` from the checkpoint (the base read back from the cache and fingerprinted), float32
-    storage, loaded by transformers' `from_pretrained` (lowbit_ft registers the format): the adapter-on logits
-    to float32 rounding, the same top-1 everywhere."""
+    """`lowbit-ft export` from the checkpoint (the base read back from the cache, never rebuilt, and
+    fingerprinted), float32 storage, loaded by transformers' `from_pretrained` (lowbit_ft registers the format):
+    the adapter-on logits to float32 rounding, the same top-1 everywhere."""
     from transformers import AutoModelForCausalLM
 
+    import lowbit_ft.formats.cache as cache
     from lowbit_ft.quant.modules import quant_layers
 
-    merged = AutoModelForCausalLM.from_pretrained(exported(family, "lowbit", "--dtype", "float32"),
-                                                  dtype=torch.float32).eval()
+    def no_float(*args, **kwargs):
+        raise AssertionError("the base was built again from the float model instead of read from the cache")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cache, "open_float", no_float)
+        path = exported(family, "lowbit", "--dtype", "float32")
+    merged = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert len(quant_layers(merged)) == 14
     got = hf_logits(merged, family.ids)
     assert rel_error(got, family.adapter_on) < 1e-5
     assert (got.argmax(-1) == family.adapter_on.argmax(-1)).all()
+
+
+@runtimes
+def test_a_fit_on_the_gptq_base_merges_into_it_exactly(family):
+    """The family's base as `lowbit-ft quantize --method gptq` wrote it (GPTQ v2: q/k/v biases and tied embeddings
+    included), used by `lowbit-ft fit` as it is: MergeCheck in the run, then `lowbit-ft export` of the checkpoint
+    computes the adapter-on model to float32 rounding, and the adapters changed what the base computes."""
+    from transformers import AutoModelForCausalLM
+
+    root = family.root / "fit-on-gptq"
+    root.mkdir()
+    run = fit_in(root, family.root / "gptq", "--model.lr", "0.05", "--data.max_length", "256",
+                 "--trainer.plugins.init_args.group_size", "32",
+                 "--trainer.callbacks+=lowbit_ft.callbacks.MergeCheck", steps=4)
+    (metrics,) = run.glob("logs/version_*/metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("merge_check/layer/max_rel")]
+    assert rows and float(rows[-1]["merge_check/layer/max_rel"]) < 1e-4
+    adapter_on = hf_logits(module_from_checkpoint(run / "checkpoints/last.ckpt").model, family.ids)
+    base = hf_logits(load_quantized(family.root / "gptq", dtype=torch.float32), family.ids)
+    assert rel_error(adapter_on, base) > 0.1
+    main(["export", "--checkpoint", str(run / "checkpoints/last.ckpt"), "--format", "lowbit", "--dtype", "float32",
+          "--output", str(root / "merged")])
+    got = hf_logits(AutoModelForCausalLM.from_pretrained(root / "merged", dtype=torch.float32).eval(), family.ids)
+    print(f"{family.name} fit on its GPTQ base: merged vs adapter-on rel {rel_error(got, adapter_on):.2e}")
+    assert rel_error(got, adapter_on) < 1e-5
+    assert (got.argmax(-1) == adapter_on.argmax(-1)).all()
 
 
 def file_function(path: Path, hf_dir: Path) -> torch.nn.Module:
@@ -271,6 +303,24 @@ def test_llama3_rope_scaling_in_gguf_is_applied_by_llama_cpp(tmp_path, monkeypat
     print("llama.cpp past the original context: " + ", ".join(f"{k} rel {v:.2e}" for k, v in errors.items()))
     assert errors["llama3"] <= 2 * errors["default"]
     assert errors["factors_one"] >= 10 * errors["llama3"]
+
+
+def test_a_sliding_window_no_runtime_applies_is_refused_before_training(tmp_path, capsys):
+    """Mistral 7B v0.1's kind of config (a sliding_window shorter than the context) with QuantizedExport to gguf:
+    the fit stops at its start, before a step, with one line naming the window and the format that holds it
+    (was: trained, then exported a model llama.cpp runs with full attention)."""
+    hf = write_family_model("mistral", tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    config["sliding_window"] = 64
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        fit_in(tmp_path, hf, "--data.max_length", "256", "--trainer.plugins.init_args.group_size", "32",
+               "--trainer.callbacks+=lowbit_ft.callbacks.QuantizedExport", "--trainer.callbacks.output", "merged",
+               "--trainer.callbacks.format", "gguf", steps=4)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lowbit-ft: error: gguf: the model attends over a sliding window of 64 positions "
+                           "(config.json sliding_window), which llama.cpp does not apply"), last
+    assert not list(tmp_path.glob("out/quickstart/version_*/checkpoints/*")) and not (tmp_path / "merged").exists()
 
 
 @pytest.mark.parametrize(("config_class", "needs"), [

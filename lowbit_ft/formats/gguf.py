@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowbit_ft.families import Family, family_of
+from lowbit_ft.families import Family, check_full_attention, family_of
 from lowbit_ft.formats.format import CheckpointFormat, exact_save
 from lowbit_ft.formats.tensor_file import check_gguf_header
 from lowbit_ft.fsutil import atomic_directory
@@ -59,6 +59,7 @@ def check_gguf(model: nn.Module, tokenizer) -> tuple[Family, str, dict]:
         raise ValueError("gguf: the model has no quantized layers; export a dense model with --format hf")
     family = family_of(model.config, "gguf")
     rope, scaling = _rope_scaling(model.config, family)
+    check_full_attention(model.config, "gguf", "llama.cpp")
     if tokenizer is None:
         raise ValueError("gguf: llama.cpp needs the tokenizer inside the file; pass the model's tokenizer")
     with _saved(tokenizer) as path:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lowbit_ft.dtypes import dtype_name
+from lowbit_ft.families import check_full_attention
 from lowbit_ft.formats.format import CheckpointFormat, exact_save
 from lowbit_ft.formats.tensor_file import TensorFile, check_config
 from lowbit_ft.fsutil import write_checkpoint
@@ -40,6 +41,7 @@ def check_mlx(model: nn.Module, dtype: torch.dtype = torch.float16) -> BlockLayo
         raise ValueError(f"mlx: config.json holds one quantization for all layers, this model has "
                          f"{sorted(map(str, layouts))}")
     (layout,) = layouts
+    check_full_attention(model.config, "mlx", "mlx-lm")
     if layout.block_out != 1:
         raise ValueError(f"mlx: the model has {layout}; MLX groups run along one row, so blocks spanning several "
                          "rows fit no MLX layout: use --format lowbit")
