@@ -1,7 +1,8 @@
 """Each supported family from quantize to a merged model in the runtimes that run it. Seeded random tiny
-models (tests/families.py) of the LLaMA 3.1 kind (GQA, rope `llama3`, untied), LLaMA 3.2 (tied embeddings),
-Mistral (a SentencePiece BPE) and Qwen2.5 (q/k/v biases, tied) go through `lowbit-ft quantize` (rtn and
-gptq), `lowbit-ft fit` (MergeCheck and QuantizedExport in the run) and `lowbit-ft export` from the checkpoint
+models (tests/families.py) of the LLaMA 2 kind (default rope, a SentencePiece BPE), LLaMA 3.1 (GQA, rope
+`llama3`, untied), LLaMA 3.2 (tied embeddings), Mistral (a SentencePiece BPE) and Qwen2.5 (q/k/v biases, tied) go
+through `lowbit-ft quantize` (rtn and gptq), `lowbit-ft fit` (from the float model, and from the GPTQ base;
+MergeCheck and QuantizedExport in the run) and `lowbit-ft export` from the checkpoint
 (its base from the cache, checked against its fingerprint) to lowbit, gguf and mlx. The exports are read by
 llama.cpp (llama-cpp-python), mlx-lm, transformers + GPTQModel and PEFT: none of our own readers, except for
 the lowbit format, which only we read."""
