@@ -124,7 +124,10 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     refuse_existing(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".partial", dir=out_dir.parent))
+    except OSError as err:  # a read-only or full parent: named by the output, not the temporary name tried
+        raise _named(err, out_dir) from err
     try:
         yield tmp
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -141,25 +144,27 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-    except OSError as err:
+    except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        inside = _inside(err.filename, tmp)
-        if inside is None:
+        refused = os_error_of(err)
+        named = refused if refused is None else _named(refused, out_dir, tmp)
+        if named is None or named is err:
             raise
-        raise OSError(err.errno, err.strerror, str(out_dir / inside)) from err
+        raise named from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _inside(filename, root: Path) -> Path | None:
-    """`filename` relative to `root` when it lies inside it (an OSError's path in a temporary directory)."""
-    if not isinstance(filename, str | os.PathLike):
-        return None
-    try:
-        return Path(filename).relative_to(root)
-    except ValueError:
-        return None
+def _named(err: OSError, target: Path, tmp: Path | None = None) -> OSError:
+    """`err` as the user should read it: naming `target` (or the file inside it, for one written inside the
+    temporary directory `tmp`) where it named a temporary path of the write, or no path (a write's ENOSPC)."""
+    name = err.filename
+    if name is None or Path(name).name.startswith(f".{target.name}."):
+        return OSError(err.errno, err.strerror, str(target))
+    if tmp is not None and Path(name).is_relative_to(tmp):
+        return OSError(err.errno, err.strerror, str(target / Path(name).relative_to(tmp)))
+    return err
 
 
 def default_permissions(root: Path) -> None:
@@ -175,17 +180,25 @@ def default_permissions(root: Path) -> None:
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
+def os_error_of(err: BaseException) -> OSError | None:
+    """`err` as the OSError it is: itself, or what a writer written in Rust (safetensors, tokenizers) reports as
+    its own exception with "(os error N)" in its text (a full disk, a file size limit); None for anything else."""
+    if isinstance(err, OSError):
+        return err
+    code = _OS_ERROR.search(str(err))
+    return OSError(int(code[1]), os.strerror(int(code[1]))) if code else None
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' `save_file`, whose writer (Rust) reports a full disk or a file size limit as a SafetensorError
-    with "(os error N)" in its text: raised here as the OSError it is, naming `path`, so every caller's handling
-    of the machine's refusals (one line; the cache going on without itself) applies."""
+    """safetensors' `save_file`, its refusals by the machine raised as OSErrors naming `path`, so every caller's
+    handling of them (one line; the cache going on without itself) applies."""
     try:
         save_file(tensors, path, metadata=metadata)
     except SafetensorError as err:
-        code = _OS_ERROR.search(str(err))
-        if code is None:
+        refused = os_error_of(err)
+        if refused is None:
             raise
-        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
+        raise OSError(refused.errno, refused.strerror, str(path)) from err
 
 
 def write_checkpoint(model: nn.Module, out_dir: str | os.PathLike, packed: dict[str, torch.Tensor],
@@ -226,17 +239,22 @@ def replaced_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     at `path` before."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    except OSError as err:
+        raise _named(err, path) from err
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        if err.filename is None:  # a write's ENOSPC names no file: name the one being written
-            raise OSError(err.errno, err.strerror, str(path)) from err
-        raise
+    except Exception as err:  # a write's ENOSPC names no file: name the one being written
+        refused = os_error_of(err)
+        named = refused if refused is None else _named(refused, path)
+        if named is None or named is err:
+            raise
+        raise named from err
     finally:
         Path(tmp).unlink(missing_ok=True)
     default_permissions(path)

@@ -319,3 +319,44 @@ def test_a_checkpoint_whose_adapter_shapes_disagree_with_its_settings_is_one_lin
                         r"model's \(\d+, \d+\): the checkpoint was trained with other adapter settings \(model\.r, "
                         r"adapter_args\); resume or export with the settings it was trained with", last), last
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("fmt", ["lowbit", "gguf", "mlx"])
+def test_an_export_the_kernel_refuses_to_write_is_one_line_naming_the_output(fmt, trained, tmp_path):
+    """Each format's writer under a 4 MiB file size limit (the tokenizer fits, the weights do not; the kernel
+    refuses the write: EFBIG): one line naming
+    the output, never its temporary name or no name at all (the GGUF writer's failing write named no file),
+    exit status 1, nothing left behind."""
+    from .test_cli import file_size_limit
+
+    ckpt = trained / "out/quickstart/version_0/checkpoints/last.ckpt"
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "lowbit_ft", "export", "--checkpoint", str(ckpt), "--format", fmt,
+                          "--output", str(out)], capture_output=True, text=True, timeout=300,
+                         preexec_fn=file_size_limit(4 << 20))
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 1 and re.fullmatch(
+        rf"lowbit-ft: error: {re.escape(str(out))}(/[\w.-]+)?: File too large \(EFBIG\): .*", last), run.stderr[-3000:]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["export", "generate"])
+def test_a_read_only_parent_is_one_line_naming_the_output(command, trained, tmp_path, capsys, monkeypatch):
+    """The temporary directory or file beside the output cannot be made (a read-only parent): the line names the
+    output asked for, not the temporary name tried (was: /parent/.out.PID.xxxx.partial)."""
+    import errno
+    import tempfile
+
+    def read_only(*args, dir=None, prefix="", suffix="", **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(dir, f"{prefix}x1y2z3{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    ckpt = trained / "out/quickstart/version_0/checkpoints/last.ckpt"
+    out = tmp_path / ("merged" if command == "export" else "said.json")
+    args = ["export", "--checkpoint", str(ckpt), "--output", str(out)] if command == "export" else \
+        ["generate", "--model", str(ckpt), "--prompt", "hi", "--max_new_tokens", "1", "--output", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 1 and last.startswith(f"lowbit-ft: error: {out}: Read-only file system (EROFS)")

@@ -34,7 +34,7 @@ from torch import nn
 from lowbit_ft.families import Family, check_full_attention, family_of
 from lowbit_ft.formats.format import CheckpointFormat, exact_save
 from lowbit_ft.formats.tensor_file import check_gguf_header
-from lowbit_ft.fsutil import atomic_directory
+from lowbit_ft.fsutil import atomic_directory, os_error_of
 from lowbit_ft.kernels import unpack_codes
 from lowbit_ft.progress import progress_bar
 from lowbit_ft.quant.modules import quant_layers
@@ -104,6 +104,15 @@ def q4_1_blocks(layer, rows: torch.Tensor | None = None) -> np.ndarray:
     d = scales.to(torch.float16).numpy().view(np.uint8).reshape(out, blocks, 2)
     m = (-scales.double() * zeros).to(torch.float16).numpy().view(np.uint8).reshape(out, blocks, 2)
     return np.concatenate([d, m, packed], axis=-1).reshape(out, blocks * 20)
+
+
+class _WrittenByPython(np.ndarray):
+    """An array GGUFWriter writes through the file object's own write: numpy's `tofile` reports a full disk or a
+    file size limit as a short write with no errno ("N requested and M written"), the file object as the OSError
+    it is, which then reads as one line naming the export."""
+
+    def tofile(self, fid, *args, **kwargs) -> None:
+        fid.write(memoryview(np.ascontiguousarray(self)).cast("B"))
 
 
 def _tensor_name(module: str) -> str:
@@ -204,7 +213,13 @@ def _adds_special(tokenizer, token_id: int | None, first: bool) -> bool:
 def _saved(tokenizer) -> Iterator[Path]:
     """The tokenizer's files in a temporary directory (what gguf's vocab helpers and we read)."""
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
+        try:
+            tokenizer.save_pretrained(tmp)
+        except Exception as err:  # tokenizers' writer (Rust) reports a full disk as a plain Exception
+            refused = os_error_of(err)
+            if refused is None:
+                raise
+            raise OSError(refused.errno, refused.strerror, tmp) from err
         yield Path(tmp)
 
 
@@ -303,10 +318,14 @@ def save_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer, dtype: to
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     with atomic_directory(out_dir, overwrite) as tmp:
         writer = gguf.GGUFWriter(tmp / GGUF_FILE, family.gguf_arch)
+
+        def add_tensor(name: str, array: np.ndarray, **kwargs) -> None:
+            writer.add_tensor(name, array.view(_WrittenByPython), **kwargs)
+
         _write_architecture(writer, cfg, getattr(cfg, "_name_or_path", "") or "lowbit-ft export", rope, scaling)
         write_tokenizer(writer, tokenizer, cfg.vocab_size)
         if rope == "llama3":
-            writer.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg).numpy())
+            add_tensor("rope_freqs.weight", llama3_rope_factors(cfg).numpy())
         for key, tensor in model.state_dict().items():
             owner, _, attr = key.rpartition(".")
             heads = heads_of.get(owner.rsplit(".", 1)[-1])
@@ -318,15 +337,15 @@ def save_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer, dtype: to
             if owner in layers and attr == "qweight":
                 layer = layers[owner]
                 rows = llama_cpp_rows(heads, layer.out_features) if heads else None
-                writer.add_tensor(name, q4_1_blocks(layer, rows), raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+                add_tensor(name, q4_1_blocks(layer, rows), raw_dtype=gguf.GGMLQuantizationType.Q4_1)
                 continue
             data = tensor.detach().float().cpu()
             if heads:  # an unquantized q/k weight or a q/k bias takes llama.cpp's row order all the same
                 data = data[llama_cpp_rows(heads, data.shape[0])]
             if data.ndim == 2 and matrix_type != gguf.GGMLQuantizationType.F32:
-                writer.add_tensor(name, gguf.quants.quantize(data.numpy(), matrix_type), raw_dtype=matrix_type)
+                add_tensor(name, gguf.quants.quantize(data.numpy(), matrix_type), raw_dtype=matrix_type)
             else:
-                writer.add_tensor(name, data.numpy())
+                add_tensor(name, data.numpy())
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
