@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -124,47 +123,49 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     refuse_existing(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir)
-    try:
+    with errors_named(out_dir):  # a read-only or full parent: named by the output, not the temporary name tried
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".partial", dir=out_dir.parent))
-    except OSError as err:  # a read-only or full parent: named by the output, not the temporary name tried
-        raise _named(err, out_dir) from err
     try:
-        yield tmp
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        (tmp / OUTPUT_MARKER).write_text(json.dumps({"written_by": "lowbit-ft", "files": files}, indent=1))
-        default_permissions(tmp)
-        if out_dir.exists():  # checked again: something may have appeared (or been added) while we wrote
-            if not overwrite:
-                raise FileExistsError(f"output {out_dir} appeared while writing; the export is discarded, "
-                                      "nothing was replaced")
-            refuse_existing(out_dir, overwrite)
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except Exception as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        refused = os_error_of(err)
-        named = refused if refused is None else _named(refused, out_dir, tmp)
-        if named is None or named is err:
-            raise
-        raise named from err
+        with errors_named(out_dir, tmp):
+            yield tmp
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            (tmp / OUTPUT_MARKER).write_text(json.dumps({"written_by": "lowbit-ft", "files": files}, indent=1))
+            default_permissions(tmp)
+            if out_dir.exists():  # checked again: something may have appeared (or been added) while we wrote
+                if not overwrite:
+                    raise FileExistsError(f"output {out_dir} appeared while writing; the export is discarded, "
+                                          "nothing was replaced")
+                refuse_existing(out_dir, overwrite)
+                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+                os.replace(out_dir, old)
+                os.replace(tmp, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _named(err: OSError, target: Path, tmp: Path | None = None) -> OSError:
-    """`err` as the user should read it: naming `target` (or the file inside it, for one written inside the
-    temporary directory `tmp`) where it named a temporary path of the write, or no path (a write's ENOSPC)."""
-    name = err.filename
-    if name is None or Path(name).name.startswith(f".{target.name}."):
-        return OSError(err.errno, err.strerror, str(target))
-    if tmp is not None and Path(name).is_relative_to(tmp):
-        return OSError(err.errno, err.strerror, str(target / Path(name).relative_to(tmp)))
-    return err
+@contextmanager
+def errors_named(target: Path, tmp: Path | None = None) -> Iterator[None]:
+    """What the machine refuses inside (an OSError, or a Rust writer's "os error N") leaves as an OSError naming
+    `target`, or the file inside it for one written in its temporary directory `tmp`, where it named a temporary
+    path of the write or no path at all (a write's ENOSPC): the user reads the name they gave."""
+    try:
+        yield
+    except Exception as err:
+        refused = os_error_of(err)
+        if refused is None or refused.errno is None:
+            raise
+        name = refused.filename
+        if name is None or Path(name).name.startswith(f".{target.name}."):
+            named = target
+        elif tmp is not None and Path(name).is_relative_to(tmp):
+            named = target / Path(name).relative_to(tmp)
+        else:  # a path of the user's own (an input, another directory): as it is
+            raise
+        raise OSError(refused.errno, refused.strerror, str(named)) from err
 
 
 def default_permissions(root: Path) -> None:
@@ -192,13 +193,8 @@ def os_error_of(err: BaseException) -> OSError | None:
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' `save_file`, its refusals by the machine raised as OSErrors naming `path`, so every caller's
     handling of them (one line; the cache going on without itself) applies."""
-    try:
+    with errors_named(path):
         save_file(tensors, path, metadata=metadata)
-    except SafetensorError as err:
-        refused = os_error_of(err)
-        if refused is None:
-            raise
-        raise OSError(refused.errno, refused.strerror, str(path)) from err
 
 
 def write_checkpoint(model: nn.Module, out_dir: str | os.PathLike, packed: dict[str, torch.Tensor],
@@ -239,22 +235,15 @@ def replaced_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     at `path` before."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with errors_named(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    except OSError as err:
-        raise _named(err, path) from err
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as err:  # a write's ENOSPC names no file: name the one being written
-        refused = os_error_of(err)
-        named = refused if refused is None else _named(refused, path)
-        if named is None or named is err:
-            raise
-        raise named from err
+        with errors_named(path):
+            with os.fdopen(fd, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
     default_permissions(path)

@@ -13,7 +13,7 @@ from torch import nn
 
 from lowbit_ft.adapters.model import adapted_layers, attach
 from lowbit_ft.adapters.registry import REGISTRY
-from lowbit_ft.fsutil import default_permissions, refuse_existing, remove_stale_partials, save_tensors
+from lowbit_ft.fsutil import default_permissions, errors_named, refuse_existing, remove_stale_partials, save_tensors
 
 FORMAT = "lowbit-ft-adapters/1"
 
@@ -35,13 +35,10 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, overwrite: bool = F
     remove_stale_partials(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        save_tensors(tensors, tmp, metadata)
-        default_permissions(tmp)
-        os.replace(tmp, path)
-    except OSError as err:  # named by the file being written, not its temporary name
-        if err.filename != str(tmp):
-            raise
-        raise OSError(err.errno, err.strerror, str(path)) from err
+        with errors_named(path):
+            save_tensors(tensors, tmp, metadata)
+            default_permissions(tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path

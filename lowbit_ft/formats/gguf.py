@@ -34,7 +34,7 @@ from torch import nn
 from lowbit_ft.families import Family, check_full_attention, family_of
 from lowbit_ft.formats.format import CheckpointFormat, exact_save
 from lowbit_ft.formats.tensor_file import check_gguf_header
-from lowbit_ft.fsutil import atomic_directory, os_error_of
+from lowbit_ft.fsutil import atomic_directory, errors_named
 from lowbit_ft.kernels import unpack_codes
 from lowbit_ft.progress import progress_bar
 from lowbit_ft.quant.modules import quant_layers
@@ -213,13 +213,8 @@ def _adds_special(tokenizer, token_id: int | None, first: bool) -> bool:
 def _saved(tokenizer) -> Iterator[Path]:
     """The tokenizer's files in a temporary directory (what gguf's vocab helpers and we read)."""
     with tempfile.TemporaryDirectory() as tmp:
-        try:
+        with errors_named(Path(tmp)):  # tokenizers' writer (Rust) reports a full disk as a plain Exception
             tokenizer.save_pretrained(tmp)
-        except Exception as err:  # tokenizers' writer (Rust) reports a full disk as a plain Exception
-            refused = os_error_of(err)
-            if refused is None:
-                raise
-            raise OSError(refused.errno, refused.strerror, tmp) from err
         yield Path(tmp)
 
 
