@@ -521,3 +521,30 @@ def test_an_output_marker_that_is_not_ours_leaves_the_directory_alone(tiny_model
             f"lowbit-ft: error: output {out}: its .lowbit-ft-output.json is not the file list lowbit-ft writes, so "
             "what the directory holds cannot be told apart; --overwrite leaves it alone: choose another path"), text
         assert sorted(p.name for p in out.iterdir()) == held and marker.read_bytes() == text
+
+
+@pytest.mark.parametrize(("key", "value", "held"), [
+    ("llama.block_count", 1_000_000, 2), ("llama.embedding_length", 1_000_000, 64),
+    ("llama.feed_forward_length", 10**8, 128)])
+def test_gguf_metadata_sizes_its_tensors_do_not_hold_are_refused_at_once(key, value, held, tmp_path):
+    """A GGUF's metadata decides the model transformers builds from it: a block count, width or MLP size its
+    tensors do not have is one line before anything is built (were: a million blocks still building after 120 s,
+    and transformers' size-mismatch traceback)."""
+    import struct
+
+    from lowbit_ft import BlockLayout, quantize_model
+    from lowbit_ft.formats.export import export
+    from lowbit_ft.formats.gguf import GGUF_FILE
+    from lowbit_ft.formats.load import load_tokenizer
+
+    from .conftest import make_tiny_llama
+
+    model = quantize_model(make_tiny_llama(vocab=49152), BlockLayout.group(4, 32), progress=False)
+    path = export(model, tmp_path / "gguf", format="gguf", tokenizer=load_tokenizer("smollm2")) / GGUF_FILE
+    data = bytearray(path.read_bytes())
+    at = data.index(key.encode()) + len(key)
+    assert struct.unpack_from("<II", data, at) == (4, held)  # a uint32 holding what the tensors hold
+    struct.pack_into("<I", data, at + 4, value)
+    path.write_bytes(bytes(data))
+    assert refused_at_once("load", "load_model", path) == [
+        f"{path}: {key} is {value} but its tensors hold {held}: the metadata does not belong to these weights"]

@@ -1,5 +1,5 @@
 """Reading safetensors files with plain reads instead of a memory map; checking headers before they are trusted
-(a GGUF file's, and a config.json's numbers against the safetensors headers).
+(a GGUF file's, its model sizes against its tensors, and a config.json's numbers against the safetensors headers).
 
 `safetensors.safe_open` maps the whole file: every page a read touches stays in the process's resident memory
 until the handle closes, so reading a model's shards tensor by tensor ends up holding the shards as well as the
@@ -217,17 +217,19 @@ def check_gguf_header(path: str | os.PathLike) -> None:
         if version not in (2, 3):
             raise ValueError(f"{path}: GGUF version {version}; lowbit-ft reads versions 2 and 3")
         n_tensors, n_values = c.unpack("<Q", "the tensor count"), c.unpack("<Q", "the metadata count")
-        alignment = 32
+        alignment, sizes = 32, {}
         for i in range(c.count(n_values, 13, "metadata entries")):  # key length, type, one byte of value
             key = c.string(f"metadata key {i}")
             kind = c.unpack("<I", key)
-            if key == "general.alignment" and kind == 4:
+            if key.endswith(_GGUF_SIZE_KEYS) and kind in (4, 10):  # uint32 / uint64
+                sizes[key] = c.unpack("<I" if kind == 4 else "<Q", key)
+            elif key == "general.alignment" and kind == 4:
                 alignment = c.unpack("<I", key)
                 if alignment == 0 or alignment & (alignment - 1):
                     raise c.damaged(f"general.alignment is {alignment}, not a power of two")
             else:
                 c.value(kind, key)
-        extents = []
+        extents, shapes = [], {}
         for i in range(c.count(n_tensors, 24, "tensors")):  # name length, dims count, type, offset
             name = c.string(f"tensor {i}'s name")
             dims = [c.unpack("<Q", name) for _ in range(c.count(c.unpack("<I", name), 8, f"dimensions of {name}"))]
@@ -242,6 +244,7 @@ def check_gguf_header(path: str | os.PathLike) -> None:
             if elements % block:
                 raise c.damaged(f"tensor {name} has {elements} elements, not whole blocks of {block}")
             extents.append((name, offset, elements // block * block_bytes))
+            shapes[name] = dims
         data_start = -(-c.pos // alignment) * alignment
         for name, offset, nbytes in extents:
             if data_start + offset + nbytes > size:
@@ -249,3 +252,23 @@ def check_gguf_header(path: str | os.PathLike) -> None:
                                 f"({size} bytes)")
     finally:
         data.close()
+    _check_gguf_sizes(path, sizes, shapes)
+
+
+#: the metadata numbers a reader builds a model from, and what of the tensors' shapes each must equal
+_GGUF_SIZE_KEYS = (".block_count", ".embedding_length", ".feed_forward_length")
+
+
+def _check_gguf_sizes(path: Path, sizes: dict[str, int], shapes: dict[str, list[int]]) -> None:
+    """The model sizes a GGUF's metadata states against its tensors' shapes (GGUF lists a matrix's row length
+    first): a number in the metadata must not decide an allocation, or a model of a million blocks, that the
+    tensors do not back."""
+    blocks = {int(name.split(".")[1]) for name in shapes if name.startswith("blk.") and name.split(".")[1].isdigit()}
+    held = {".block_count": max(blocks) + 1 if blocks else 0,
+            ".embedding_length": (shapes.get("token_embd.weight") or [None])[0],
+            ".feed_forward_length": (shapes.get("blk.0.ffn_up.weight") or [None, None])[1]}
+    for key, stated in sizes.items():
+        expected = held[next(suffix for suffix in _GGUF_SIZE_KEYS if key.endswith(suffix))]
+        if expected is not None and stated != expected:
+            raise ValueError(f"{path}: {key} is {stated} but its tensors hold {expected}: the metadata does not "
+                             "belong to these weights")
