@@ -360,3 +360,24 @@ def test_a_read_only_parent_is_one_line_naming_the_output(command, trained, tmp_
         main(args)
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 1 and last.startswith(f"lowbit-ft: error: {out}: Read-only file system (EROFS)")
+
+
+def test_generate_runs_on_a_gguf_export_with_the_training_tokenizer(trained, tiny_model_dir, tmp_path, capsys):
+    """`lowbit-ft generate --model EXPORT/model-Q4_1.gguf`: the tokenizer files written beside the GGUF are read
+    whole, special tokens included (was: transformers' GGUF path took their vocabulary without BOS / EOS, and
+    generate failed inside transformers with a TypeError)."""
+    import json
+
+    from lowbit_ft.formats.gguf import GGUF_FILE
+    from lowbit_ft.formats.load import load_tokenizer
+
+    ckpt = trained / "out/quickstart/version_0/checkpoints/last.ckpt"
+    main(["export", "--checkpoint", str(ckpt), "--format", "gguf", "--output", str(tmp_path / "gguf")])
+    path = tmp_path / "gguf" / GGUF_FILE
+    theirs, ours = load_tokenizer(str(path)), load_tokenizer(str(tiny_model_dir))
+    assert (theirs.bos_token, theirs.eos_token) == (ours.bos_token, ours.eos_token) != (None, None)
+    capsys.readouterr()
+    main(["generate", "--model", str(path), "--prompt", "Say hi.", "--max_new_tokens", "3",
+          "--output", str(tmp_path / "said.json")])
+    (record,) = map(json.loads, (tmp_path / "said.json").read_text().splitlines())
+    assert record["prompt"] == "Say hi." and isinstance(record["answer"], str)

@@ -351,14 +351,25 @@ def save_gguf(model: nn.Module, out_dir: str | os.PathLike, tokenizer, dtype: to
     return Path(out_dir)
 
 
+def gguf_tokenizer(path: Path):
+    """The tokenizer of a GGUF file (its header checked first). Beside a tokenizer.json, as this exporter writes
+    one, transformers' GGUF path takes that file's vocabulary but drops its special tokens (no BOS / EOS: generate
+    fails); the directory's own tokenizer files are then read whole, as they were saved."""
+    from transformers import AutoTokenizer
+
+    check_gguf_header(path)
+    if (path.parent / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(path.parent, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+
+
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a GGUF file, dequantized to plain float weights by transformers."""
     import transformers.modeling_gguf_pytorch_utils as hf_gguf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    check_gguf_header(path)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    tokenizer = gguf_tokenizer(path)
     # transformers' GGUF reader shows a plain tqdm bar: ours writes whole lines when stderr is a log
     with mock.patch.object(hf_gguf, "tqdm", progress_bar):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,

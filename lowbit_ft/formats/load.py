@@ -19,10 +19,11 @@ from transformers.utils import logging as hf_logging
 
 from lowbit_ft.dtypes import parse_dtype
 from lowbit_ft.families import family_of
+from lowbit_ft.formats.gguf import gguf_tokenizer
 from lowbit_ft.formats.gptq import GPTQ_KEYS, from_gptq, read_gptq_config
 from lowbit_ft.formats.lowbit import QUANT_METHOD, install_quant_layers
 from lowbit_ft.formats.registry import detect_format
-from lowbit_ft.formats.tensor_file import TensorFile, check_config, check_gguf_header
+from lowbit_ft.formats.tensor_file import TensorFile, check_config
 from lowbit_ft.progress import is_terminal, progress_bar
 from lowbit_ft.quant.modules import set_submodule
 from lowbit_ft.quant.quant_linear import QuantLinear
@@ -169,8 +170,7 @@ def load_tokenizer(source: str):
     """The tokenizer of a model source ('smollm2', a .gguf file, or a directory with tokenizer files)."""
     path = smollm2_gguf() if source == BUILTIN_SMOLLM2 else Path(source)
     if path.suffix == ".gguf" and path.is_file():
-        check_gguf_header(path)
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+        return gguf_tokenizer(path)
     if not has_tokenizer(path):
         raise FileNotFoundError(f"{source!r}: no tokenizer files (tokenizer.json / tokenizer_config.json) there")
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
