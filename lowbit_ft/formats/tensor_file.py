@@ -217,12 +217,14 @@ def check_gguf_header(path: str | os.PathLike) -> None:
         if version not in (2, 3):
             raise ValueError(f"{path}: GGUF version {version}; lowbit-ft reads versions 2 and 3")
         n_tensors, n_values = c.unpack("<Q", "the tensor count"), c.unpack("<Q", "the metadata count")
-        alignment, sizes = 32, {}
+        alignment, architecture, sizes = 32, None, {}
         for i in range(c.count(n_values, 13, "metadata entries")):  # key length, type, one byte of value
             key = c.string(f"metadata key {i}")
             kind = c.unpack("<I", key)
-            if key.endswith(_GGUF_SIZE_KEYS) and kind in (4, 10):  # uint32 / uint64
+            if key.rpartition(".")[2] in _GGUF_SIZE_KEYS and kind in (4, 10):  # uint32 / uint64
                 sizes[key] = c.unpack("<I" if kind == 4 else "<Q", key)
+            elif key == "general.architecture" and kind == _GGUF_STRING:
+                architecture = c.string(key)
             elif key == "general.alignment" and kind == 4:
                 alignment = c.unpack("<I", key)
                 if alignment == 0 or alignment & (alignment - 1):
@@ -252,23 +254,23 @@ def check_gguf_header(path: str | os.PathLike) -> None:
                                 f"({size} bytes)")
     finally:
         data.close()
-    _check_gguf_sizes(path, sizes, shapes)
+    _check_gguf_sizes(path, {key: n for key, n in sizes.items() if key.partition(".")[0] == architecture}, shapes)
 
 
 #: the metadata numbers a reader builds a model from, and what of the tensors' shapes each must equal
-_GGUF_SIZE_KEYS = (".block_count", ".embedding_length", ".feed_forward_length")
+_GGUF_SIZE_KEYS = ("block_count", "embedding_length", "feed_forward_length")
 
 
 def _check_gguf_sizes(path: Path, sizes: dict[str, int], shapes: dict[str, list[int]]) -> None:
-    """The model sizes a GGUF's metadata states against its tensors' shapes (GGUF lists a matrix's row length
-    first): a number in the metadata must not decide an allocation, or a model of a million blocks, that the
-    tensors do not back."""
+    """The model sizes a GGUF's metadata states for its architecture (`ARCH.block_count`, …) against its tensors'
+    shapes (GGUF lists a matrix's row length first): a number in the metadata must not decide an allocation, or a
+    model of a million blocks, that the tensors do not back."""
     blocks = {int(name.split(".")[1]) for name in shapes if name.startswith("blk.") and name.split(".")[1].isdigit()}
-    held = {".block_count": max(blocks) + 1 if blocks else 0,
-            ".embedding_length": (shapes.get("token_embd.weight") or [None])[0],
-            ".feed_forward_length": (shapes.get("blk.0.ffn_up.weight") or [None, None])[1]}
+    held = {"block_count": max(blocks) + 1 if blocks else 0,
+            "embedding_length": (shapes.get("token_embd.weight") or [None])[0],
+            "feed_forward_length": (shapes.get("blk.0.ffn_up.weight") or [None, None])[1]}
     for key, stated in sizes.items():
-        expected = held[next(suffix for suffix in _GGUF_SIZE_KEYS if key.endswith(suffix))]
+        expected = held[key.rpartition(".")[2]]
         if expected is not None and stated != expected:
             raise ValueError(f"{path}: {key} is {stated} but its tensors hold {expected}: the metadata does not "
                              "belong to these weights")
